@@ -1,0 +1,36 @@
+# difflm developer targets. Quick start on a fresh clone: `make demo`, `make test`
+# (each installs what it needs into .venv/ first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch: the CPU wheel where no NVIDIA GPU is visible (fast, local on our CI machines),
+# the default (CUDA) build from PyPI where `nvidia-smi` works. Override: make install TORCH_SPEC=...
+TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then echo "torch>=2.6"; else echo "torch==2.13.0"; fi)
+STAMP := $(VENV)/.difflm-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo bench clean help
+
+help:
+	@echo "make install | test | demo | bench | clean"
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/difflm generate --help >/dev/null
+	$(PY) -m difflm.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
