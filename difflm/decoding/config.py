@@ -1,0 +1,133 @@
+"""`DecodeConfig`: every setting of every decoder, validated before any forward pass.
+
+Field meanings and the paper's settings are documented in README.md ("Decoders"). Validation raises
+`ConfigError` with the field name as key, so the CLI can name `decode.<field>` in its one-line error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from difflm.errors import ConfigError
+
+#: Methods whose step draws from the masked-diffusion reverse process (weights for tokens and MASK).
+MASS_METHODS = ("categorical", "topk", "conv", "semi_ar", "remdm", "remdm_conv")
+#: Methods that commit a fixed (or thresholded) number of the most confident tokens per step.
+CONFIDENCE_METHODS = ("llada", "llada_conv", "threshold")
+#: Autoregressive reference decoding through transformers' own `generate`.
+AR_METHODS = ("nucleus",)
+METHODS = MASS_METHODS + CONFIDENCE_METHODS + AR_METHODS
+#: Methods that decode left-to-right blocks of `block_length`.
+BLOCK_METHODS = ("llada", "semi_ar", "threshold")
+#: Methods that use the convolution window.
+CONV_METHODS = ("conv", "llada_conv", "remdm_conv")
+
+
+@dataclass
+class DecodeConfig:
+    """Settings of one decoding run. `None` means "the method's default" (see `resolved()`)."""
+
+    method: str = field(default="conv", metadata={"help": "decoder", "choices": list(METHODS)})
+    gen_length: int = field(default=256, metadata={"help": "tokens to generate", "min": 1})
+    steps: int = field(default=64, metadata={"help": "denoising steps (model forward passes)", "min": 1})
+    block_length: int | None = field(
+        default=None, metadata={"help": "block size for llada/semi_ar/threshold (default: gen_length)", "min": 1}
+    )
+    kernel_size: int | None = field(
+        default=None,
+        metadata={"help": "conv window K (even -> K+1; default: block_length, else gen_length/4)", "min": 1},
+    )
+    top_k: int | None = field(default=None, metadata={"help": "keep the k best tokens (None: all)", "min": 1})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus p (method nucleus)", "min": 0.0, "max": 1.0})
+    temperature: float | None = field(
+        default=None,
+        metadata={"help": "0 = argmax token; default 1 for sampling methods, 0 for llada-style", "min": 0.0},
+    )
+    remasking: str = field(
+        default="low_confidence", metadata={"help": "llada confidence", "choices": ["low_confidence", "random"]}
+    )
+    cfg_scale: float = field(default=0.0, metadata={"help": "classifier-free guidance w", "min": 0.0})
+    conv_mult: float = field(default=1.0, metadata={"help": "s_i = tanh(conv_mult * u_i)", "min": 0.0})
+    eos_fill: bool = field(default=False, metadata={"help": "fill right of the first EOS/EOT with EOS"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1 = off", "min": 1.0})
+    alpha_on: float = field(default=0.9, metadata={"help": "ReMDM loop: unmasked share at t_on", "min": 0.0})
+    t_on: float = field(default=0.55, metadata={"help": "ReMDM loop start", "min": 0.0, "max": 1.0})
+    t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end", "min": 0.0, "max": 1.0})
+    eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability", "min": 0.0, "max": 1.0})
+    threshold: float | None = field(
+        default=None, metadata={"help": "confidence threshold (method threshold; default 0.9)", "min": 0.0}
+    )
+    seed: int = field(default=0, metadata={"help": "base seed; each item's noise is seeded from (seed, id)"})
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
+        """Raise `ConfigError` (key = field name) for any invalid combination."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}", key="method")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if v is None or isinstance(v, (str, bool)):
+                continue
+            if lo is not None and v < lo:
+                raise ConfigError(f"must be >= {lo}, got {v}", key=f.name)
+            if hi is not None and v > hi:
+                raise ConfigError(f"must be <= {hi}, got {v}", key=f.name)
+        if self.remasking not in ("low_confidence", "random"):
+            raise ConfigError(f"unknown remasking {self.remasking!r}; allowed: low_confidence, random", "remasking")
+        m = self.method
+        block = self.block_length or self.gen_length
+        if m in BLOCK_METHODS:
+            if self.gen_length % block:
+                raise ConfigError(
+                    f"gen_length {self.gen_length} is not a multiple of block_length {block}", key="block_length"
+                )
+            n_blocks = self.gen_length // block
+            if m != "threshold" and self.steps % n_blocks:
+                raise ConfigError(
+                    f"steps {self.steps} is not divisible by the number of blocks {n_blocks} "
+                    f"(gen_length {self.gen_length} / block_length {block})",
+                    key="steps",
+                )
+        if m in ("llada", "llada_conv") and self.steps > self.gen_length:
+            raise ConfigError(
+                f"steps {self.steps} > gen_length {self.gen_length}: {m} commits at least one token per step",
+                key="steps",
+            )
+        if m == "semi_ar" and self.steps < self.gen_length // block:
+            raise ConfigError("semi_ar needs at least one step per block", key="steps")
+        if m in ("remdm", "remdm_conv"):
+            if not self.t_off < self.t_on:
+                raise ConfigError(
+                    f"t_off {self.t_off} must be < t_on {self.t_on} (else the ReMDM loop never runs)", key="t_off"
+                )
+            if not 0.0 < self.alpha_on < 1.0:
+                raise ConfigError(f"alpha_on must be in (0, 1), got {self.alpha_on}", key="alpha_on")
+        if self.threshold is not None and m not in ("threshold", "llada_conv"):
+            raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
+        if prompt_length is not None and max_length is not None and prompt_length + self.gen_length > max_length:
+            raise ConfigError(
+                f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's context "
+                f"of {max_length} tokens",
+                key="gen_length",
+            )
+
+    # ----------------------------------------------------------------------------------------------
+    def effective_temperature(self) -> float:
+        if self.temperature is not None:
+            return float(self.temperature)
+        return 0.0 if self.method in CONFIDENCE_METHODS else 1.0
+
+    def effective_block_length(self) -> int:
+        return self.block_length or self.gen_length
+
+    def effective_kernel_size(self) -> int:
+        """K of the conv window: kernel_size, else block_length (as the reference does), else gen_length/4
+        (the paper's K/L ratio for L 512 and 1024 on the small model); an even K is raised by one."""
+        k = self.kernel_size or self.block_length or max(1, self.gen_length // 4)
+        return k + 1 if k % 2 == 0 else k
+
+    def effective_threshold(self) -> float | None:
+        if self.method == "threshold":
+            return 0.9 if self.threshold is None else float(self.threshold)
+        return None if self.threshold is None else float(self.threshold)

@@ -1,0 +1,302 @@
+"""The generation loop: x = [prompt | MASK * gen_length] -> denoised sequences, for every method.
+
+`generate` works with any callable `model(input_ids, attention_mask=...)` returning logits or an object with
+`.logits` (a `difflm.models.DiffusionLM`, a bare Hugging Face module, a test double). It is batched
+(left-padded prompts with an attention mask), counts model forward passes (NFE) and seeds every row
+from its own generator, so a row's output depends only on its seed, prompt and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from difflm.decoding import steps as S
+from difflm.decoding.config import BLOCK_METHODS, CONV_METHODS, DecodeConfig
+from difflm.errors import ConfigError
+
+_T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  #: LongTensor [B, prompt_len + gen_length]
+    nfe: int  #: model forward passes (classifier-free guidance counts 2 per step)
+    prompt_length: int  #: padded prompt length P: the answer is sequences[:, P:]
+    filled: torch.Tensor  #: LongTensor [B]: positions still masked at the end, filled by argmax
+    steps_run: int  #: denoising steps actually run (can be < steps with EOS fill)
+
+
+def item_seed(seed: int, key: str | int) -> int:
+    """A 63-bit seed from (base seed, item id): stable across processes, ranks and batch layouts."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+def _logits_of(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _remdm_alpha(t: float, cfg: DecodeConfig) -> float:
+    """ReMDM-loop schedule of the unmasked share alpha(t): 0 -> alpha_on on [1, t_on], constant alpha_on
+    on [t_off, t_on] (the loop), alpha_on -> 1 on [t_off, 0]."""
+    if t >= cfg.t_on:
+        return cfg.alpha_on * (1.0 - t) / (1.0 - cfg.t_on) if cfg.t_on < 1 else cfg.alpha_on
+    if t >= cfg.t_off:
+        return cfg.alpha_on
+    return 1.0 - (1.0 - cfg.alpha_on) * t / cfg.t_off if cfg.t_off > 0 else 1.0
+
+
+def _schedule_weights(cfg: DecodeConfig, t: float, s: float) -> tuple[float, float, float]:
+    """(a, b, remask probability) for the step t -> s: token weights a * p, MASK weight b."""
+    if cfg.method not in ("remdm", "remdm_conv"):
+        return t - s, s, 0.0
+    at, as_ = _remdm_alpha(t, cfg), _remdm_alpha(s, cfg)
+    if as_ > at + 1e-12:  # unmasking phase: q(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
+        return as_ - at, 1.0 - as_, 0.0
+    # loop phase: remask decoded tokens with prob eta; masked ones unmask with eta*alpha/(1-alpha), which
+    # keeps the expected number of unmasked tokens constant
+    p = min(1.0, cfg.eta * cfg.alpha_on / max(1e-12, 1.0 - cfg.alpha_on))
+    return p, 1.0 - p, cfg.eta
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    config: DecodeConfig,
+    *,
+    mask_id: int | None = None,
+    eos_id: int | None = None,
+    eot_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    row_seeds: list[int] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    max_length: int | None = None,
+) -> GenerateOutput:
+    """Decode `config.gen_length` tokens after each (left-padded) prompt.
+
+    mask_id / eos_id / eot_id default to `model.ids` when the model is a `DiffusionLM`. `row_seeds` gives
+    each row its own noise (default: derived from `config.seed` and the row index). `callback(event)` is
+    called after every step with {"step", "nfe", "x"} (x: the full current sequences), e.g. for a live view.
+    """
+    ids = getattr(model, "ids", None)
+    mask_id = mask_id if mask_id is not None else getattr(ids, "mask_id", None)
+    eos_id = eos_id if eos_id is not None else getattr(ids, "eos_id", None)
+    eot_id = eot_id if eot_id is not None else getattr(ids, "eot_id", None)
+    if eos_id is None:
+        raise ConfigError("eos_id is required (not given, and the model has no ids)", key="eos_id")
+    input_ids = torch.as_tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask)[None]
+    bsz, plen = input_ids.shape
+    config.validate(prompt_length=plen, max_length=max_length or getattr(model, "max_length", None))
+    device = input_ids.device
+    if row_seeds is None:
+        row_seeds = [item_seed(config.seed, i) for i in range(bsz)]
+    if len(row_seeds) != bsz:
+        raise ConfigError(f"{len(row_seeds)} row seeds for a batch of {bsz}", key="row_seeds")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask, device=device).long()
+        if bool((attention_mask == 1).all()):
+            attention_mask = None
+    if config.method == "nucleus":
+        return _generate_ar(model, input_ids, attention_mask, config, eos_id, eot_id, row_seeds)
+    if mask_id is None:
+        raise ConfigError("mask_id is required for diffusion decoding", key="mask_id")
+    return _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback).run()
+
+
+class _Decoder:
+    """State of one batched diffusion decoding run (one object per `generate` call; no globals)."""
+
+    def __init__(self, model, input_ids, attention_mask, cfg, mask_id, eos_id, eot_id, row_seeds, callback):
+        self.model, self.cfg, self.callback = model, cfg, callback
+        self.mask_id, self.eos_id = mask_id, eos_id
+        self.stop_ids = [eos_id] + ([eot_id] if eot_id is not None else [])
+        bsz, self.plen = input_ids.shape
+        device = input_ids.device
+        self.L = cfg.gen_length
+        self.x = torch.cat([input_ids, torch.full((bsz, self.L), mask_id, dtype=input_ids.dtype, device=device)], 1)
+        if attention_mask is None:
+            self.attn = None
+            self.valid = torch.ones_like(self.x, dtype=torch.bool)
+        else:
+            self.attn = torch.cat([attention_mask, torch.ones(bsz, self.L, dtype=attention_mask.dtype, device=device)], 1)
+            self.valid = self.attn.bool()
+        self.gens = _generators(row_seeds, device)
+        self.temperature = cfg.effective_temperature()
+        self.nfe = 0
+        self.step = 0
+        self.last_logits: torch.Tensor | None = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @property
+    def gen(self) -> torch.Tensor:
+        return self.x[:, self.plen :]
+
+    def set_gen(self, new: torch.Tensor) -> None:
+        if self.cfg.eos_fill:
+            new = S.eos_fill(new, self.mask_id, self.stop_ids, self.eos_id)
+        self.x[:, self.plen :] = new
+
+    def forward(self) -> torch.Tensor:
+        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied."""
+        cfg, x, attn = self.cfg, self.x, self.attn
+        if cfg.cfg_scale > 0:
+            un = x.clone()
+            prompt_real = self.valid[:, : self.plen]
+            un[:, : self.plen] = torch.where(prompt_real, torch.full_like(un[:, : self.plen], self.mask_id), un[:, : self.plen])
+            inp = torch.cat([x, un])
+            am = None if attn is None else torch.cat([attn, attn])
+            logits = _logits_of(self.model(inp, attention_mask=am))[:, self.plen :].float()
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (cfg.cfg_scale + 1.0) * (cond - uncond)
+            self.nfe += 2
+        else:
+            logits = _logits_of(self.model(x, attention_mask=attn))[:, self.plen :].float()
+            self.nfe += 1
+        logits[..., self.mask_id] = float("-inf")
+        if cfg.repetition_penalty != 1.0:
+            known = self.valid & (x != self.mask_id)
+            S.apply_repetition_penalty(logits, x, known, cfg.repetition_penalty)
+        self.last_logits = logits
+        return logits
+
+    def conv_scales(self) -> torch.Tensor:
+        known = self.valid & (self.x != self.mask_id)
+        u = S.conv_counts(known, self.cfg.effective_kernel_size())[:, self.plen :]
+        return S.conv_scale(u, self.cfg.conv_mult)
+
+    def notify(self) -> None:
+        self.step += 1
+        if self.callback is not None:
+            self.callback({"step": self.step, "nfe": self.nfe, "x": self.x})
+
+    # -- methods -----------------------------------------------------------------------------------
+    def run(self) -> GenerateOutput:
+        m = self.cfg.method
+        if m in ("categorical", "topk", "conv", "remdm", "remdm_conv"):
+            self.run_mass(torch.ones_like(self.gen, dtype=torch.bool), self.cfg.steps)
+        elif m == "semi_ar":
+            self.run_blocks(self.run_mass)
+        elif m == "llada":
+            self.run_blocks(self.run_confidence)
+        elif m == "threshold":
+            self.run_blocks(self.run_confidence)
+        elif m == "llada_conv":
+            self.run_confidence(torch.ones_like(self.gen, dtype=torch.bool), self.cfg.steps)
+        else:  # validated before; kept as a guard for new methods
+            raise ConfigError(f"method {m!r} has no decoder", key="method")
+        filled = self.fill(torch.ones_like(self.gen, dtype=torch.bool))
+        return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step)
+
+    def fill(self, window: torch.Tensor) -> torch.Tensor:
+        """Positions of `window` still masked take the argmax of the last prediction (no extra NFE)."""
+        left = (self.gen == self.mask_id) & window
+        if left.any():
+            if self.last_logits is None:
+                self.forward()
+            self.set_gen(torch.where(left, self.last_logits.argmax(-1), self.gen))
+        return left.sum(1)
+
+    def run_blocks(self, inner) -> None:
+        block = self.cfg.effective_block_length()
+        n_blocks = self.L // block
+        per_block = self.cfg.steps // n_blocks
+        self.block_filled = torch.zeros(self.x.shape[0], dtype=torch.long, device=self.x.device)
+        for bi in range(n_blocks):
+            window = torch.zeros_like(self.gen, dtype=torch.bool)
+            window[:, bi * block : (bi + 1) * block] = True
+            inner(window, per_block)
+            if self.cfg.method == "semi_ar":  # a block is finished before the next starts
+                self.fill(window)
+
+    def run_mass(self, window: torch.Tensor, n_steps: int) -> None:
+        cfg = self.cfg
+        ts = torch.linspace(1.0, _T_EPS, n_steps + 1, dtype=torch.float64).tolist()
+        top_k = None if cfg.method == "categorical" else cfg.top_k
+        for i in range(n_steps):
+            region = (self.gen == self.mask_id) & window
+            if not region.any():
+                break
+            logits = self.forward()
+            a, b, remask = _schedule_weights(cfg, ts[i], ts[i + 1])
+            s_conv = self.conv_scales() if cfg.method in CONV_METHODS else None
+            old = self.gen.clone()
+            new, _ = S.mass_step(
+                logits, old, region, a, b, top_k=top_k, temperature=self.temperature, gens=self.gens, s_conv=s_conv
+            )
+            if remask > 0:  # ReMDM loop: decoded answer tokens go back to MASK with probability eta
+                u = S._rand(self.gens, (self.L,), old.device)
+                back = (old != self.mask_id) & window & (u < remask)
+                new = torch.where(back, torch.full_like(new, self.mask_id), new)
+            self.set_gen(new)
+            self.notify()
+
+    def run_confidence(self, window: torch.Tensor, n_steps: int) -> None:
+        cfg = self.cfg
+        tau = cfg.effective_threshold()
+        n_masked = ((self.gen == self.mask_id) & window).sum(1)
+        schedule = S.transfer_schedule(n_masked, n_steps) if tau is None else None
+        max_iter = n_steps if tau is None else int(window.sum(1).max().item())
+        for i in range(max_iter):
+            region = (self.gen == self.mask_id) & window
+            if not region.any():
+                break
+            logits = self.forward()
+            x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens)
+            if cfg.method in CONV_METHODS:
+                conf = torch.where(region, conf * self.conv_scales(), conf)
+            if tau is None:
+                sel = S.commit_top(conf, torch.minimum(schedule[:, i], region.sum(1)))
+            else:
+                sel = S.commit_threshold(conf, tau)
+            self.set_gen(torch.where(sel, x0, self.gen))
+            self.notify()
+
+
+def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eot_id, row_seeds) -> GenerateOutput:
+    """Autoregressive nucleus sampling through transformers' `generate` (reference answers).
+
+    transformers samples from torch's global RNG: it is seeded from the first row's seed inside a forked
+    RNG state, so outputs are reproducible for the same batch, and the caller's RNG is left untouched.
+    """
+    module = getattr(model, "module", model)
+    ids = getattr(model, "ids", None)
+    pad_id = getattr(ids, "pad_id", None)
+    pad_id = eos_id if pad_id is None else pad_id
+    temperature = cfg.effective_temperature()
+    device = input_ids.device
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    kwargs = dict(max_new_tokens=cfg.gen_length, pad_token_id=pad_id, eos_token_id=[eos_id] + ([eot_id] if eot_id is not None else []))
+    if temperature > 0:
+        kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=temperature, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(row_seeds[0]))
+        out = module.generate(input_ids=input_ids, attention_mask=am, **kwargs)
+    plen = input_ids.shape[1]
+    gen = out[:, plen:]
+    nfe = gen.shape[1]
+    if gen.shape[1] < cfg.gen_length:
+        pad = torch.full((gen.shape[0], cfg.gen_length - gen.shape[1]), eos_id, dtype=gen.dtype, device=gen.device)
+        gen = torch.cat([gen, pad], 1)
+    gen = S.eos_fill(gen, -1, [eos_id] + ([eot_id] if eot_id is not None else []), eos_id)
+    seq = torch.cat([input_ids, gen], 1)
+    return GenerateOutput(seq, nfe, plen, torch.zeros(seq.shape[0], dtype=torch.long, device=device), nfe)

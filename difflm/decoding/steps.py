@@ -1,0 +1,220 @@
+"""The per-step mathematics of every decoder, as pure tensor functions (tested one step at a time).
+
+Conventions: `logits` are the model's logits over the generated region only, [B, L, V], with the MASK
+logit already at -inf (SUBS parameterisation); `x` is the generated region [B, L]; `masked` is
+`x == mask_id`. Every random draw takes a list of per-row `torch.Generator`s, so each row's noise depends
+only on its own seed and state (batch == single, rank-independent outputs).
+
+Masked-diffusion ("mass") methods. At a masked position i the step from time t to s draws among
+{MASK, candidate tokens j} with weights  MASK: b,  token j: a * m_i * p_ij,  where (a, b) = (t - s, s) for
+the linear schedule (ReMDM phases give other pairs), p_ij are the model's probabilities of the kept
+candidates (top-k, or all tokens), and m_i is the method's position scale:
+  categorical: 1;  topk: G = |M| / sum_{i in M} q_i  (q_i = sum of kept p_ij; per sequence);
+  conv: s_i * C,  s_i = tanh(conv_mult * u_i),  C = |M| / sum_{i in M} s_i q_i  (per sequence).
+The draw is done in two exactly equivalent stages, both in float64: unmask with probability
+a m_i q_i / (a m_i q_i + b), then pick the token among the candidates with probability p_ij / q_i
+(Gumbel-max). Only positions that unmask need the second stage, which keeps float64 cheap at a 126k
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------
+# noise
+def _rand(gens: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float64) -> torch.Tensor:
+    """Uniform(0, 1) noise [B, *shape], row b drawn from gens[b]."""
+    return torch.stack([torch.rand(shape, generator=g, device=device, dtype=dtype) for g in gens])
+
+
+def gumbel_argmax(scores: torch.Tensor, gen: torch.Generator, temperature: float, chunk: int = 64) -> torch.Tensor:
+    """argmax(scores / T + Gumbel) over the last dim in float64, rows drawn from one generator.
+
+    scores: [N, C] log-weights (float32/64; -inf allowed). T == 0 is a plain argmax. Chunked over rows so
+    a 126k-vocabulary float64 draw stays small in memory.
+    """
+    if temperature == 0 or scores.shape[0] == 0:
+        return scores.argmax(-1)
+    out = []
+    for start in range(0, scores.shape[0], chunk):
+        z = scores[start : start + chunk].double() / temperature
+        u = torch.rand(z.shape, generator=gen, device=z.device, dtype=torch.float64)
+        g = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        out.append((z + g).argmax(-1))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# the convolution window
+def conv_counts(known: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """u_i = number of known tokens j with |j - i| <= (K-1)/2 (zero padding at the edges).
+
+    known: [B, N] bool (decoded or prompt, padding excluded). Exact integer arithmetic via cumulative sums.
+    """
+    h = (kernel_size - 1) // 2
+    b, n = known.shape
+    cs = torch.zeros(b, n + 1, dtype=torch.long, device=known.device)
+    cs[:, 1:] = known.long().cumsum(1)
+    idx = torch.arange(n, device=known.device)
+    hi = (idx + h + 1).clamp(max=n)
+    lo = (idx - h).clamp(min=0)
+    return cs[:, hi] - cs[:, lo]
+
+
+def conv_scale(u: torch.Tensor, conv_mult: float) -> torch.Tensor:
+    """s_i = tanh(conv_mult * u_i) in float64."""
+    return torch.tanh(conv_mult * u.double())
+
+
+# ------------------------------------------------------------------------------------------------
+# mass methods
+def candidates(logits: torch.Tensor, top_k: int | None, temperature: float):
+    """Kept candidates per position: (log-probs [B, L, k] float32, token ids [B, L, k] or None for all).
+
+    Probabilities are softmax(logits / T) (T = 1 when T == 0: the token draw is then an argmax).
+    """
+    t = temperature if temperature > 0 else 1.0
+    logp = torch.log_softmax(logits.float() / t, dim=-1)
+    if top_k is None or top_k >= logp.shape[-1]:
+        return logp, None
+    vals, idx = logp.topk(top_k, dim=-1)
+    return vals, idx
+
+
+def position_scale(q: torch.Tensor, region: torch.Tensor, s_conv: torch.Tensor | None = None) -> torch.Tensor:
+    """m_i per position [B, L] float64 (see the module docstring).
+
+    q: kept probability mass per position [B, L] float64; region: [B, L] bool, the masked positions that
+    may unmask this step (the set M of the normalisation). Without conv scales this is the global
+    normalisation G = |M| / sum_M q_i (exactly 1 when nothing is truncated: categorical); with conv
+    scales s_i it is s_i * C, C = |M| / sum_M s_i q_i. Both per sequence.
+    """
+    n = region.sum(1, keepdim=True).double()
+    w = q if s_conv is None else s_conv * q
+    denom = (w * region).sum(1, keepdim=True)
+    const = torch.where(denom > 0, n / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    return const.expand_as(q) if s_conv is None else s_conv * const
+
+
+def unmask_probability(a: float, b: float, m: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """P(unmask) = a m q / (a m q + b), float64 [B, L]."""
+    w = a * m * q
+    tot = w + b
+    return torch.where(tot > 0, w / tot.clamp_min(1e-300), torch.zeros_like(w))
+
+
+def mass_step(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    region: torch.Tensor,
+    a: float,
+    b: float,
+    *,
+    top_k: int | None,
+    temperature: float,
+    gens: list[torch.Generator],
+    s_conv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reverse step of a mass method. Returns (new x, bool [B, L] of positions unmasked now).
+
+    region: masked positions allowed to unmask (masked, inside the current block for semi-AR).
+    """
+    logp, idx = candidates(logits, top_k, temperature)
+    if idx is None:
+        q = torch.ones(x.shape, dtype=torch.float64, device=x.device)
+    else:
+        q = logp.double().exp().sum(-1)
+    m = position_scale(q, region, s_conv)
+    p_unmask = unmask_probability(a, b, m, q) * region
+    u = _rand(gens, (x.shape[1],), x.device)
+    unmask = region & (u < p_unmask)
+    new = x.clone()
+    for r, g in enumerate(gens):  # token draws only where a position unmasks (few per step)
+        pos = unmask[r].nonzero().squeeze(1)
+        if pos.numel() == 0:
+            continue
+        choice = gumbel_argmax(logp[r, pos], g, temperature)
+        new[r, pos] = choice if idx is None else idx[r, pos].gather(-1, choice[:, None]).squeeze(1)
+    return new, unmask
+
+
+# ------------------------------------------------------------------------------------------------
+# confidence methods (LLaDA low-confidence remasking, llada_conv, Fast-dLLM threshold)
+def propose(
+    logits: torch.Tensor, region: torch.Tensor, temperature: float, remasking: str, gens: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate tokens x0 [B, L] and confidences [B, L] (float64; -inf outside `region`).
+
+    x0 = argmax(logits / T + Gumbel) (T = 0: argmax), drawn only inside `region`; confidence is the
+    softmax probability of x0 (low_confidence) or a uniform draw (random), as in LLaDA.
+    """
+    x0 = logits.argmax(-1)
+    if temperature > 0:
+        for r, g in enumerate(gens):
+            pos = region[r].nonzero().squeeze(1)
+            if pos.numel():
+                x0[r, pos] = gumbel_argmax(logits[r, pos], g, temperature)
+    if remasking == "random":
+        conf = _rand(gens, (logits.shape[1],), logits.device)
+    else:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        conf = logp.gather(-1, x0[..., None]).squeeze(-1).double().exp()
+    conf = torch.where(region, conf, torch.full_like(conf, float("-inf")))
+    return x0, conf
+
+
+def commit_top(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the counts[b] most confident positions of each row (ties: lowest index first)."""
+    kmax = int(counts.max().item()) if counts.numel() else 0
+    sel = torch.zeros(conf.shape, dtype=torch.bool, device=conf.device)
+    if kmax == 0:
+        return sel
+    # stable descending sort: equal confidences keep positional order, on any device
+    order = torch.sort(conf, dim=1, descending=True, stable=True).indices[:, :kmax]
+    keep = torch.arange(kmax, device=conf.device)[None, :] < counts[:, None]
+    keep &= torch.isfinite(conf.gather(1, order))
+    sel.scatter_(1, order, keep)
+    return sel
+
+
+def commit_threshold(conf: torch.Tensor, tau: float) -> torch.Tensor:
+    """bool [B, L]: every position with confidence >= tau, and at least the best one of a row that has any."""
+    sel = conf >= tau
+    has = torch.isfinite(conf).any(1)
+    best = commit_top(conf, has.long())
+    return sel | best
+
+
+def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """LLaDA's tokens-per-step split: [B, steps]; n // steps each, the remainder to the earliest steps."""
+    base = n_masked[:, None] // steps
+    rem = n_masked[:, None] % steps
+    return base + (torch.arange(steps, device=n_masked.device)[None, :] < rem).long()
+
+
+# ------------------------------------------------------------------------------------------------
+# shared post-processing
+def apply_repetition_penalty(logits: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, penalty: float):
+    """CTRL / HF-style penalty on every token id present in the row (prompt and decoded, padding and MASK
+    excluded): positive logits are divided by the penalty, negative ones multiplied. In place; returns logits."""
+    if penalty == 1.0:
+        return logits
+    b, _, v = logits.shape
+    present = torch.zeros(b, v, dtype=torch.bool, device=logits.device)
+    ids = seq.clamp(0, v - 1)
+    present.scatter_(1, ids, valid)
+    pres = present[:, None, :].expand_as(logits)
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits.copy_(torch.where(pres, pen, logits))
+    return logits
+
+
+def eos_fill(x: torch.Tensor, mask_id: int, stop_ids: list[int], eos_id: int) -> torch.Tensor:
+    """Every position right of the first decoded stop token (EOS or EOT) becomes EOS. Returns new x."""
+    is_stop = torch.zeros_like(x, dtype=torch.bool)
+    for s in stop_ids:
+        is_stop |= x == s
+    after = (is_stop.long().cumsum(1) - is_stop.long()) > 0
+    return torch.where(after, torch.full_like(x, eos_id), x)

@@ -1,0 +1,447 @@
+"""Decoders against independent float64 computations, hand-worked cases and invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from difflm.decoding import DecodeConfig, generate, item_seed
+from difflm.decoding import steps as S
+from difflm.errors import ConfigError
+
+V, MASK, EOS = 6, 5, 4  # tokens 0..3 are words, 4 = EOS, 5 = MASK
+
+
+class FixedLogits(torch.nn.Module):
+    """A test double whose logits at absolute position i are table[i] whatever the input."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x, attention_mask=None):
+        return self.table[None, : x.shape[1]].expand(x.shape[0], -1, -1).clone()
+
+
+def first_step(method, table, prompt, gen_length, steps, n_rows, **kw):
+    """Run one denoising step of `generate` for n_rows copies of a prompt; return the generated region."""
+    cfg = DecodeConfig(method=method, gen_length=gen_length, steps=steps, **kw)
+    captured = {}
+
+    def cb(ev):
+        if ev["step"] == 1:
+            captured["x"] = ev["x"][:, len(prompt) :].clone()
+
+    ids = torch.tensor(prompt)[None].repeat(n_rows, 1)
+    generate(FixedLogits(table), ids, cfg, mask_id=MASK, eos_id=EOS, callback=cb)
+    return captured["x"].numpy()
+
+
+def softmax64(z):
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference_step(probs, masked, t, s, method, k=None, u=None, conv_mult=1.0):
+    """Independent float64 joint step distribution: [L, V+1], last column = MASK (formulas of DESIGN.md)."""
+    L = probs.shape[0]
+    keep = np.zeros_like(probs, dtype=bool)
+    for i in range(L):
+        order = np.argsort(-probs[i], kind="stable")
+        keep[i, order[: (k or probs.shape[1])]] = True
+    kept = np.where(keep, probs, 0.0)
+    if method == "categorical":
+        scale = np.ones(L)
+    elif method == "topk":
+        g = masked.sum() / kept[masked].sum()
+        scale = np.full(L, g)
+    elif method == "conv":
+        sc = np.tanh(conv_mult * u)
+        c = masked.sum() / (sc[masked] * kept[masked].sum(1)).sum()
+        scale = sc * c
+    out = np.zeros((L, probs.shape[1] + 1))
+    for i in range(L):
+        if not masked[i]:
+            continue
+        w = np.append((t - s) * kept[i] * scale[i], s)
+        out[i] = w / w.sum()
+    return out
+
+
+def empirical(x, n_tokens):
+    """[L, V+1] frequencies of each outcome per position, MASK in the last column."""
+    rows, L = x.shape
+    out = np.zeros((L, n_tokens + 1))
+    for i in range(L):
+        for v in range(n_tokens):
+            out[i, v] = (x[:, i] == v).mean()
+        out[i, -1] = (x[:, i] == MASK).mean()
+    return out
+
+
+def assert_close_stat(emp, ref, n):
+    """Every cell within 5 binomial standard errors (plus a tiny floor)."""
+    se = np.sqrt(ref * (1 - ref) / n) + 1e-3
+    bad = np.abs(emp - ref) > 5 * se
+    assert not bad.any(), f"\nempirical\n{emp[bad.any(1)]}\nreference\n{ref[bad.any(1)]}"
+
+
+def make_table(plen, L, seed=0, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(plen + L, V, generator=g) * sharp
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# hand-worked cases
+def test_conv_counts_hand_worked():
+    known = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    # K = 3: window i-1..i+1
+    assert S.conv_counts(known, 3).tolist() == [[2, 2, 1, 0, 0, 0, 1, 1]]
+    # K = 5: window i-2..i+2, zero padding at the edges
+    assert S.conv_counts(known, 5).tolist() == [[2, 2, 2, 1, 0, 1, 1, 1]]
+    # K = 1: the position itself
+    assert S.conv_counts(known, 1).tolist() == [known.long().tolist()[0]]
+
+
+def test_conv_scale_values():
+    s = S.conv_scale(torch.tensor([0, 1, 2, 3]), 1.0)
+    assert torch.allclose(s, torch.tensor([0.0, 0.7615941559557649, 0.9640275800758169, 0.9950547536867305], dtype=torch.float64))
+
+
+def test_conv_constant_hand_worked_and_mass_conservation():
+    # two masked positions with s = tanh(1), tanh(2); top-k mass q = 0.5 and 1.0; one decoded position
+    q = torch.tensor([[0.5, 1.0, 0.7]], dtype=torch.float64)
+    s = torch.tensor([[math.tanh(1), math.tanh(2), 1.0]], dtype=torch.float64)
+    region = torch.tensor([[True, True, False]])
+    m = S.position_scale(q, region, s)
+    c = 2 / (math.tanh(1) * 0.5 + math.tanh(2) * 1.0)
+    assert m[0, 0].item() == pytest.approx(math.tanh(1) * c, rel=1e-12)
+    assert m[0, 1].item() == pytest.approx(math.tanh(2) * c, rel=1e-12)
+    # the total unmasking mass equals that of plain categorical decoding: sum_M m_i q_i = |M|
+    assert (m * q * region).sum().item() == pytest.approx(2.0, rel=1e-12)
+
+
+def test_topk_global_normalisation_keeps_mass():
+    g = torch.Generator().manual_seed(1)
+    q = torch.rand(3, 7, generator=g, dtype=torch.float64)
+    region = torch.rand(3, 7, generator=g) > 0.3
+    m = S.position_scale(q, region)
+    for r in range(3):
+        assert (m[r] * q[r] * region[r]).sum().item() == pytest.approx(region[r].sum().item(), rel=1e-12)
+        assert torch.allclose(m[r], m[r, 0].expand(7))  # one G per sequence
+
+
+def test_transfer_schedule_matches_llada():
+    def llada(n, steps):  # LLaDA's get_num_transfer_tokens, written from its description
+        base, rem = divmod(n, steps)
+        return [base + (1 if i < rem else 0) for i in range(steps)]
+
+    for n, st in [(32, 8), (7, 3), (5, 5), (0, 4), (33, 4)]:
+        assert S.transfer_schedule(torch.tensor([n]), st).tolist()[0] == llada(n, st)
+
+
+def test_eos_fill_and_commit_top_ties():
+    x = torch.tensor([[1, MASK, EOS, 2, MASK, 3], [1, 2, 3, 1, 2, 3]])
+    out = S.eos_fill(x, MASK, [EOS], EOS)
+    assert out.tolist() == [[1, MASK, EOS, EOS, EOS, EOS], [1, 2, 3, 1, 2, 3]]
+    conf = torch.tensor([[0.5, 0.5, 0.9, float("-inf")]], dtype=torch.float64)
+    assert S.commit_top(conf, torch.tensor([2])).tolist() == [[True, False, True, False]]
+    # never commits a -inf (outside the region) position, even when asked for more
+    assert S.commit_top(conf, torch.tensor([4])).tolist() == [[True, True, True, False]]
+
+
+def test_repetition_penalty_formula():
+    logits = torch.tensor([[[2.0, -2.0, 1.0, 0.5]]])
+    seq = torch.tensor([[0, 1, 3]])
+    valid = torch.tensor([[True, True, False]])  # token 3 is padding: not penalised
+    S.apply_repetition_penalty(logits, seq, valid, 2.0)
+    assert logits.tolist() == [[[1.0, -4.0, 1.0, 0.5]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# step distributions against independent float64 computations (many rows, statistical tolerance)
+N_ROWS = 6000
+
+
+@pytest.mark.parametrize(
+    "method,k",
+    [("categorical", None), ("topk", 2), ("topk", 1), ("conv", 2), ("conv", None)],
+)
+def test_first_step_distribution(method, k):
+    plen, L, steps = 2, 8, 4
+    table = make_table(plen, L, seed=3)
+    table[:, MASK] = 5.0  # the MASK logit must be ignored (SUBS: -inf)
+    prompt = [0, 1]
+    kw = dict(top_k=k)
+    if method == "conv":
+        kw["kernel_size"] = 5
+    x = first_step(method, table, prompt, L, steps, N_ROWS, **kw)
+    t, s = 1.0, 1.0 - (1.0 - 1e-5) / steps
+    logits = table[plen:].double().numpy().copy()
+    logits[:, MASK] = -np.inf
+    probs = softmax64(logits)[:, :MASK]  # MASK has probability 0
+    masked = np.ones(L, dtype=bool)
+    u = None
+    if method == "conv":
+        known = np.r_[np.ones(plen), np.zeros(L)]
+        u = np.array([known[max(0, i - 2) : i + 3].sum() for i in range(plen, plen + L)])
+    ref = reference_step(probs, masked, t, s, method, k=k, u=u)
+    ref = np.concatenate([ref[:, :MASK], ref[:, -1:]], 1)
+    emp = empirical(x, MASK)
+    assert_close_stat(emp, ref, N_ROWS)
+    if method == "conv":  # positions with s_i = 0 cannot unmask
+        assert (x[:, u == 0] == MASK).all()
+
+
+def test_semi_ar_first_step_is_topk_inside_the_block():
+    plen, L, steps = 1, 8, 8  # 2 blocks of 4, 4 steps per block
+    table = make_table(plen, L, seed=5)
+    x = first_step("semi_ar", table, [0], L, steps, N_ROWS, block_length=4, top_k=2)
+    t, s = 1.0, 1.0 - (1.0 - 1e-5) / 4  # each block has its own t: 1 -> 0 in 4 steps
+    logits = table[plen:].double().numpy().copy()
+    logits[:, MASK] = -np.inf
+    probs = softmax64(logits)[:, :MASK]
+    ref_block = reference_step(probs[:4], np.ones(4, dtype=bool), t, s, "topk", k=2)
+    ref_block = np.concatenate([ref_block[:, :MASK], ref_block[:, -1:]], 1)
+    assert_close_stat(empirical(x[:, :4], MASK), ref_block, N_ROWS)
+    assert (x[:, 4:] == MASK).all()  # the next block waits
+
+
+def test_remdm_phases_and_loop_remasking():
+    from difflm.decoding.generate import _remdm_alpha, _schedule_weights
+
+    cfg = DecodeConfig(method="remdm", alpha_on=0.9, t_on=0.55, t_off=0.05, eta=0.02)
+    assert _remdm_alpha(1.0, cfg) == 0.0
+    assert _remdm_alpha(0.55, cfg) == pytest.approx(0.9)
+    assert _remdm_alpha(0.3, cfg) == pytest.approx(0.9)
+    assert _remdm_alpha(0.0, cfg) == pytest.approx(1.0)
+    a, b, r = _schedule_weights(cfg, 1.0, 0.9)  # unmasking phase
+    at, as_ = 0.0, 0.9 * 0.1 / 0.45
+    assert a / (a + b) == pytest.approx((as_ - at) / (1 - at))
+    a, b, r = _schedule_weights(cfg, 0.4, 0.3)  # loop phase
+    assert r == 0.02 and a / (a + b) == pytest.approx(0.02 * 0.9 / 0.1)
+    # expected number of unmasked tokens is unchanged by a loop step: remasked eta*n_u == unmasked p*n_m
+    n_u, n_m = 0.9, 0.1
+    assert r * n_u == pytest.approx(a / (a + b) * n_m)
+
+
+def test_remdm_loop_remasks_decoded_tokens():
+    # with eta = 1, every decoded token goes back to MASK in the loop phase
+    table = make_table(1, 8, seed=2)
+    cfg = DecodeConfig(method="remdm", gen_length=8, steps=10, alpha_on=0.5, t_on=0.8, t_off=0.1, eta=1.0)
+    seen = []
+    generate(FixedLogits(table), torch.tensor([[0]]), cfg, mask_id=MASK, eos_id=EOS,
+             callback=lambda ev: seen.append(ev["x"][0, 1:].clone()))
+    ts = np.linspace(1, 1e-5, 11)
+    for i in range(1, 10):
+        if 0.1 <= ts[i + 1] and ts[i] <= 0.8 and 0.1 <= ts[i] and ts[i + 1] <= 0.8:  # a full loop step
+            prev, cur = seen[i - 1], seen[i]
+            assert ((prev != MASK) <= (cur == MASK)).all()
+
+
+def test_llada_sampling_temperature_distribution():
+    # one block, 1 token per step; the committed token at temperature T follows softmax(logits / T)
+    plen, L = 1, 4
+    table = make_table(plen, L, seed=7, sharp=1.0)
+    x = first_step("llada", table, [0], L, 4, N_ROWS, temperature=0.7)
+    logits = table[plen:].double().numpy().copy()
+    logits[:, MASK] = -np.inf
+    target = softmax64(logits / 0.7)[:, :MASK]
+    committed = x != MASK
+    assert (committed.sum(1) == 1).all()
+    # low-confidence remasking picks the position, so compare the token marginals at each committed position
+    for i in range(L):
+        rows = committed[:, i]
+        if rows.sum() < 500:
+            continue
+        # conditional on i being chosen the token law is tilted by confidence; compare argmax frequency loosely
+        freq = np.bincount(x[rows, i], minlength=MASK)[:MASK] / rows.sum()
+        assert freq.argmax() == target[i].argmax()
+
+
+def test_llada_random_remasking_is_uniform_over_the_block():
+    table = make_table(1, 8, seed=1)
+    x = first_step("llada", table, [0], 8, 8, N_ROWS, block_length=4, remasking="random")
+    committed = x != MASK
+    assert (committed.sum(1) == 1).all() and (committed[:, 4:] == 0).all()
+    freq = committed[:, :4].mean(0)
+    assert np.allclose(freq, 0.25, atol=5 * math.sqrt(0.25 * 0.75 / N_ROWS))
+
+
+def test_llada_greedy_commits_most_confident_in_block():
+    table = torch.full((1 + 8, V), -5.0)
+    conf_logit = [1.0, 3.0, 2.0, 0.5, 9.0, 9.0, 9.0, 9.0]  # the second block is more confident but must wait
+    for i, c in enumerate(conf_logit):
+        table[1 + i, i % 4] = c
+    x = first_step("llada", table, [0], 8, 4, 1, block_length=4)  # 2 tokens per step
+    assert (x[0] != MASK).tolist() == [False, True, True, False, False, False, False, False]
+    assert x[0, 1] == 1 and x[0, 2] == 2
+
+
+def test_llada_conv_scales_confidence_by_window():
+    # equal confidence everywhere: the position with the most decoded neighbours (next to the prompt) wins
+    table = torch.zeros(3 + 8, V)
+    table[:, 0] = 4.0
+    x = first_step("llada_conv", table, [1, 2, 3], 8, 8, 1, kernel_size=5)
+    assert (x[0] != MASK).tolist() == [True] + [False] * 7
+
+
+def test_threshold_commits_at_least_one_and_equals_llada_above_one():
+    torch.manual_seed(0)
+    table = torch.randn(2 + 16, V)
+    prompt = torch.tensor([[0, 1]])
+    counts = []
+    cfg_t = DecodeConfig(method="threshold", gen_length=16, steps=16, block_length=8, threshold=1.5)
+    out_t = generate(FixedLogits(table), prompt, cfg_t, mask_id=MASK, eos_id=EOS,
+                     callback=lambda ev: counts.append(int((ev["x"] != MASK).sum())))
+    assert all(b - a >= 1 for a, b in zip([2] + counts, counts))
+    cfg_l = DecodeConfig(method="llada", gen_length=16, steps=16, block_length=8)
+    out_l = generate(FixedLogits(table), prompt, cfg_l, mask_id=MASK, eos_id=EOS)
+    assert torch.equal(out_t.sequences, out_l.sequences) and out_t.nfe == out_l.nfe == 16
+    # a low threshold commits many tokens per step: fewer forward passes
+    cfg_low = DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=0.0)
+    assert generate(FixedLogits(table), prompt, cfg_low, mask_id=MASK, eos_id=EOS).nfe == 2
+
+
+def test_cfg_combines_conditional_and_unconditional():
+    class Guided(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            cond = (x[:, :1] != MASK).float()  # 1 when the prompt is visible, 0 for the unconditional copy
+            base = torch.zeros(x.shape[0], x.shape[1], V)
+            base[..., 0] = 1.0 * cond  # cond: [1.0, 1.1] (token 1 wins); uncond: [0.0, 1.2]
+            base[..., 1] = 1.2 - 0.1 * cond
+            return base
+
+    cfg = DecodeConfig(method="llada", gen_length=4, steps=4, cfg_scale=0.0)
+    out0 = generate(Guided(), torch.tensor([[2]]), cfg, mask_id=MASK, eos_id=EOS)
+    assert (out0.sequences[0, 1:] == 1).all() and out0.nfe == 4
+    # w = 1: logits = un + 2 (cond - un) = [2.0, 1.0]: guidance flips the winner; two passes per step
+    cfg = DecodeConfig(method="llada", gen_length=4, steps=4, cfg_scale=1.0)
+    out1 = generate(Guided(), torch.tensor([[2]]), cfg, mask_id=MASK, eos_id=EOS)
+    assert (out1.sequences[0, 1:] == 0).all() and out1.nfe == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# invariants on a real tiny bidirectional Llama
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=128, is_causal=False, use_cache=False)
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+TMASK, TEOS, TPAD = 39, 38, 37
+ALL_METHODS = ["categorical", "topk", "conv", "semi_ar", "remdm", "remdm_conv", "llada", "llada_conv", "threshold"]
+
+
+def _cfg(method, **kw):
+    base = dict(method=method, gen_length=16, steps=8, top_k=3)
+    if method in ("llada", "semi_ar", "threshold"):
+        base["block_length"] = 8
+    base.update(kw)
+    return DecodeConfig(**base)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_no_mask_left_and_seed_determinism(tiny_llama, method):
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    a = generate(tiny_llama, prompt, _cfg(method), mask_id=TMASK, eos_id=TEOS)
+    b = generate(tiny_llama, prompt, _cfg(method), mask_id=TMASK, eos_id=TEOS)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not (a.sequences == TMASK).any()
+    assert torch.equal(a.sequences[:, :4], prompt)
+    assert a.nfe <= 16 and a.nfe >= 1
+
+
+@pytest.mark.parametrize("method", ["categorical", "topk", "conv", "remdm"])
+def test_identical_prompts_get_independent_noise(tiny_llama, method):
+    prompt = torch.tensor([[1, 2, 3, 4]]).repeat(8, 1)
+    out = generate(tiny_llama, prompt, _cfg(method, top_k=None, temperature=1.0), mask_id=TMASK, eos_id=TEOS)
+    rows = {tuple(r.tolist()) for r in out.sequences}
+    assert len(rows) > 1
+    other = generate(tiny_llama, prompt, _cfg(method, top_k=None, seed=1), mask_id=TMASK, eos_id=TEOS)
+    assert not torch.equal(out.sequences, other.sequences)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_batch_equals_single_with_left_padding(tiny_llama, method):
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
+    plen = max(map(len, prompts))
+    ids = torch.tensor([[TPAD] * (plen - len(p)) + p for p in prompts])
+    am = torch.tensor([[0] * (plen - len(p)) + [1] * len(p) for p in prompts])
+    seeds = [item_seed(0, f"item{i}") for i in range(3)]
+    kw = dict(temperature=0.0) if method in ("categorical",) else {}
+    cfg = _cfg(method, kernel_size=5, **kw)
+    batch = generate(tiny_llama, ids, cfg, mask_id=TMASK, eos_id=TEOS, attention_mask=am, row_seeds=seeds)
+    for i, p in enumerate(prompts):
+        single = generate(tiny_llama, torch.tensor([p]), cfg, mask_id=TMASK, eos_id=TEOS, row_seeds=[seeds[i]])
+        assert batch.sequences[i, plen:].tolist() == single.sequences[0, len(p):].tolist(), method
+
+
+def test_eos_fill_saves_forward_passes():
+    table = torch.full((1 + 16, V), -3.0)
+    table[1:, EOS] = 3.0  # EOS everywhere, most confident
+    table[1, EOS] = -3.0
+    table[1, 0] = 5.0
+    cfg = DecodeConfig(method="llada", gen_length=16, steps=16, eos_fill=True)
+    out = generate(FixedLogits(table), torch.tensor([[0]]), cfg, mask_id=MASK, eos_id=EOS)
+    assert out.nfe < 16
+    gen = out.sequences[0, 1:].tolist()
+    first = gen.index(EOS)
+    assert all(t == EOS for t in gen[first:])
+
+
+def test_conv_fill_pass_reports_unreached_positions():
+    # K = 1: only positions whose own token is known could unmask: nothing can, all are filled by argmax
+    table = make_table(1, 6, seed=0)
+    cfg = DecodeConfig(method="conv", gen_length=6, steps=3, kernel_size=1)
+    out = generate(FixedLogits(table), torch.tensor([[0]]), cfg, mask_id=MASK, eos_id=EOS)
+    assert out.filled.tolist() == [6]
+    logits = table[1:].clone()
+    logits[:, MASK] = float("-inf")
+    assert out.sequences[0, 1:].tolist() == logits.argmax(-1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# validation before any forward pass
+class Exploding(torch.nn.Module):
+    def forward(self, *a, **k):
+        raise AssertionError("forward must not run for an invalid config")
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(method="llada", gen_length=10, block_length=4), "block_length"),
+        (dict(method="llada", gen_length=16, block_length=4, steps=6), "steps"),
+        (dict(method="llada", gen_length=8, steps=16), "steps"),
+        (dict(method="remdm", t_on=0.3, t_off=0.5), "t_off"),
+        (dict(method="topk", top_k=0), "top_k"),
+        (dict(method="beam"), "method"),
+        (dict(method="conv", gen_length=200), "gen_length"),
+        (dict(method="llada", remasking="lowest"), "remasking"),
+        (dict(method="conv", threshold=0.9), "threshold"),
+    ],
+)
+def test_invalid_settings_fail_before_forward(kw, key):
+    cfg = DecodeConfig(**kw)
+    with pytest.raises(ConfigError) as e:
+        generate(Exploding(), torch.tensor([[0, 1]]), cfg, mask_id=MASK, eos_id=EOS, max_length=128)
+    assert e.value.key == key
+    assert "\n" not in str(e.value)
+
+
+def test_item_seed_is_stable():
+    assert item_seed(0, "a") == item_seed(0, "a")
+    assert item_seed(0, "a") != item_seed(1, "a") != item_seed(0, "b")
+    assert 0 <= item_seed(0, "a") < 2**63
