@@ -1,0 +1,132 @@
+"""Prompt formats shared by training and generation.
+
+Formats (`PROMPT_FORMATS`):
+
+- ``alpaca``: the template of DESIGN.md section 4, used for training *and* generation::
+
+      Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+      ### Instruction:
+      {instruction}
+
+      {input}
+
+      ### Response:
+
+  The ``{input}`` block (the input and a blank line) appears only when the input is non-blank.
+  Training appends the answer right after ``### Response:\\n``.
+- ``alpaca-cot``: ``alpaca`` with the instruction followed by ``"\\nLet's think step by step."``
+  (chain-of-thought prompting, e.g. for GSM8K).
+- ``raw``: the instruction as is; a non-blank input follows on a new line.
+- ``chat``: the tokenizer's chat template on one user message (the instruction, then a blank line
+  and the input when non-blank), with the assistant header appended. It needs the tokenizer:
+  `format_prompt` renders it only when given ``chat_fn`` (messages -> text) and `encode_prompt`
+  uses ``chat_ids_fn`` (messages -> ids) or else the tokenizer's own ``apply_chat_template``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from difflm.errors import ConfigError
+
+__all__ = [
+    "ALPACA_TEMPLATE",
+    "COT_SUFFIX",
+    "PROMPT_FORMATS",
+    "chat_messages",
+    "encode_prompt",
+    "format_prompt",
+]
+
+#: `{input_block}` is ``input + "\n\n"`` when the input is non-blank, else empty.
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+COT_SUFFIX = "\nLet's think step by step."
+PROMPT_FORMATS = ("alpaca", "alpaca-cot", "raw", "chat")
+
+Messages = list[dict[str, str]]
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in PROMPT_FORMATS:
+        raise ConfigError(
+            f"unknown prompt format {fmt!r}; allowed: {', '.join(PROMPT_FORMATS)}", key="prompt_format"
+        )
+
+
+def _has_input(input: str | None) -> bool:
+    return bool(input and input.strip())
+
+
+def chat_messages(instruction: str, input: str | None = None) -> Messages:
+    """The one-turn conversation used by the ``chat`` format."""
+    content = f"{instruction}\n\n{input}" if _has_input(input) else instruction
+    return [{"role": "user", "content": content}]
+
+
+def format_prompt(
+    instruction: str,
+    input: str | None = None,
+    fmt: str = "alpaca",
+    chat_fn: Callable[[Messages], str] | None = None,
+) -> str:
+    """The prompt text for one instruction in format `fmt`.
+
+    ``fmt="chat"`` needs ``chat_fn`` (e.g. ``lambda m: tok.apply_chat_template(m,
+    add_generation_prompt=True, tokenize=False)``); without it a ConfigError is raised.
+    """
+    _check_format(fmt)
+    if fmt == "raw":
+        return f"{instruction}\n{input}" if _has_input(input) else instruction
+    if fmt == "chat":
+        if chat_fn is None:
+            raise ConfigError(
+                "prompt format 'chat' needs the tokenizer's chat template: pass chat_fn, "
+                "or use encode_prompt(tokenizer, ..., fmt='chat')",
+                key="prompt_format",
+            )
+        return chat_fn(chat_messages(instruction, input))
+    if fmt == "alpaca-cot":
+        instruction = instruction + COT_SUFFIX
+    input_block = f"{input}\n\n" if _has_input(input) else ""
+    return ALPACA_TEMPLATE.format(instruction=instruction, input_block=input_block)
+
+
+def encode_prompt(
+    tokenizer_or_model: Any,
+    instruction: str,
+    input: str | None = None,
+    fmt: str = "alpaca",
+    chat_ids_fn: Callable[[Messages], list[int]] | None = None,
+) -> list[int]:
+    """Token ids of the prompt.
+
+    `tokenizer_or_model` is a Hugging Face tokenizer or anything with a ``.tokenizer`` attribute
+    (a model adapter). Text formats are encoded with ``add_special_tokens=False`` (the templates
+    carry no BOS; LLaDA's tokenizer adds none either). For ``chat`` the ids come from
+    ``chat_ids_fn(messages)`` when given, else from the tokenizer's chat template rendered as text
+    (with the generation prompt) and encoded the same way, so special-token strings in the
+    template map to their ids.
+    """
+    _check_format(fmt)
+    tok = getattr(tokenizer_or_model, "tokenizer", None)
+    if tok is None:
+        tok = tokenizer_or_model
+    if fmt == "chat":
+        messages = chat_messages(instruction, input)
+        if chat_ids_fn is not None:
+            return [int(i) for i in chat_ids_fn(messages)]
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError(
+                "prompt format 'chat' needs a tokenizer with a chat template; this one has none "
+                "(use --prompt-format alpaca)",
+                key="prompt_format",
+            )
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = format_prompt(instruction, input, fmt)
+    return [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]

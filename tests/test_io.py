@@ -1,0 +1,96 @@
+"""No lost work: atomic writes, and the resumable partial-results file."""
+
+import json
+import os
+
+import pytest
+
+from difflm.errors import ConfigError
+from difflm.io import PartialResults, atomic_write_json, atomic_write_text, write_alpaca_eval_json
+
+
+def test_atomic_write_creates_parents_and_replaces(tmp_path):
+    p = tmp_path / "a" / "b" / "out.json"
+    atomic_write_json(p, {"x": "é"})
+    assert json.loads(p.read_text(encoding="utf-8")) == {"x": "é"}
+    assert "é" in p.read_text(encoding="utf-8")  # not \u00e9
+    atomic_write_text(p, "new")
+    assert p.read_text() == "new"
+    assert os.listdir(p.parent) == ["out.json"]  # no temp files left
+
+
+def test_crash_midway_keeps_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "out.json"
+    atomic_write_json(p, [1, 2, 3])
+
+    # the process dies while the new content is being written
+    import difflm.io as io_mod
+
+    real_fsync = os.fsync
+
+    def boom(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(io_mod.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_json(p, list(range(1000)))
+    monkeypatch.setattr(io_mod.os, "fsync", real_fsync)
+    assert json.loads(p.read_text()) == [1, 2, 3]
+    assert os.listdir(tmp_path) == ["out.json"]
+
+    # an unserialisable object fails before anything is written
+    with pytest.raises(TypeError):
+        atomic_write_json(p, {"x": object()})
+    assert json.loads(p.read_text()) == [1, 2, 3]
+
+
+def test_write_alpaca_eval_json(tmp_path):
+    recs = [{"instruction": "Say hi", "output": "héllo", "generator": "m", "dataset": "d", "id": "a-0"}]
+    p = tmp_path / "outputs.json"
+    write_alpaca_eval_json(p, recs)
+    text = p.read_text(encoding="utf-8")
+    assert json.loads(text) == recs and "héllo" in text and text.startswith('[\n  {\n    "instruction"')
+
+
+def test_partial_results_resume(tmp_path):
+    part = PartialResults(tmp_path / "out.json.partial.jsonl")
+    assert part.load() == [] and part.done_ids() == set()
+    part.append([{"id": "a", "output": "1"}, {"id": "b", "output": "2"}])
+    part.append([])
+    part.append([{"id": 3, "output": "ü"}])
+    again = PartialResults(tmp_path / "out.json.partial.jsonl")  # a new run
+    assert [r["id"] for r in again.load()] == ["a", "b", 3]
+    assert again.done_ids() == {"a", "b", "3"}
+    again.remove()
+    assert not again.path.exists() and again.load() == []
+    again.remove()  # removing twice is fine
+
+
+def test_partial_results_truncated_last_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    part = PartialResults(path)
+    part.append([{"id": "a", "output": "x"}, {"id": "b", "output": "y"}])
+    good = path.read_bytes()
+    with open(path, "ab") as f:  # kill -9 in the middle of a write
+        f.write(b'{"id": "c", "outp')
+    assert [r["id"] for r in part.load()] == ["a", "b"]
+    assert path.read_bytes() == good  # truncated to the last good line
+    part.append([{"id": "c", "output": "z"}])
+    assert part.done_ids() == {"a", "b", "c"}
+
+
+def test_partial_results_complete_line_without_newline(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}')
+    part = PartialResults(path)
+    assert part.done_ids() == {"a", "b"}
+    part.append([{"id": "c"}])
+    assert [r["id"] for r in part.load()] == ["a", "b", "c"]
+
+
+def test_partial_results_corrupt_middle_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n')
+    with pytest.raises(ConfigError, match="corrupt record"):
+        PartialResults(path).load()
+    assert path.read_text() == '{"id": "a"}\n{"id": \n{"id": "c"}\n'  # left for the user to inspect
