@@ -39,7 +39,6 @@ import enum
 import os
 import pathlib
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -435,21 +434,8 @@ def dump_yaml(obj: Any) -> str:
 
 
 def save_resolved(obj: Any, path: str | os.PathLike) -> None:
-    """Write `dump_yaml(obj)` to `path` atomically (temp file in the same folder, then os.replace),
-    creating the folder if needed: a crash never leaves a half-written config behind."""
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dump_yaml(obj))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write `dump_yaml(obj)` to `path` atomically (see `difflm.io.atomic_write_text`): a crash never
+    leaves a half-written config behind."""
+    from difflm.io import atomic_write_text
+
+    atomic_write_text(path, dump_yaml(obj))

@@ -305,7 +305,7 @@ def test_save_resolved_replaces_atomically(tmp_path, monkeypatch):
     real = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append((a, b)), real(a, b)))
     save_resolved(Decode(steps=7), path)
-    assert calls and os.path.dirname(calls[0][0]) == str(tmp_path) and calls[0][1] == str(path)
+    assert calls and os.path.dirname(calls[0][0]) == str(tmp_path) and str(calls[0][1]) == str(path)
     assert load_recipe(Decode, path).steps == 7
 
 
