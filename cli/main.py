@@ -7,16 +7,15 @@ them together. `main()` is the console script (setup.cfg: `difflm = cli.main:mai
 
 from __future__ import annotations
 
-import importlib
 from typing import Annotated, Optional
 
 import typer
 
 from cli import eval as _eval
+from cli import generate as _generate
 from cli import r2ft as _r2ft
 from cli import sft as _sft
 from cli import tokenize as _tokenize
-from cli.common import Debug, Overrides, RecipePath, error_line
 
 app = typer.Typer(
     name="difflm",
@@ -48,34 +47,10 @@ def _root(
     """Global options (the app's help text is set on `app` above)."""
 
 
-def _register_generate(app: typer.Typer) -> None:
-    """`cli/generate.py` (written separately) defines `register(app)`. Until it imports, a
-    placeholder command says why, so the rest of the CLI keeps working."""
-    try:
-        _gen = importlib.import_module("cli.generate")
-    except ImportError as e:
-        if getattr(e, "name", None) == "cli.generate":
-            reason = "it is not built yet"
-        else:
-            reason = f"cli/generate.py failed to import: {type(e).__name__}: {e}"
-
-        @app.command("generate")
-        def generate(recipe: RecipePath = None, overrides: Overrides = None, debug: Debug = False) -> None:
-            """Generate text with a diffusion LM (placeholder).
-
-            Example: difflm generate --recipe recipes/generate.yaml decode.steps=64
-            """
-            error_line(f"difflm generate is unavailable: {reason}")
-            raise typer.Exit(2 if reason == "it is not built yet" else 1)
-
-        return
-    _gen.register(app)
-
-
 _tokenize.register(app)
 _sft.register(app)
 _r2ft.register(app)
-_register_generate(app)
+_generate.register(app)
 _eval.register(app)
 
 

@@ -1,0 +1,197 @@
+"""`difflm generate`: decode prompts with any decoder; outputs in the format alpaca_eval reads.
+
+Thin: options -> `GenerateRecipe` -> `difflm.generation.run_generate`; progress and printing here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, print_config, run_command
+
+_D = "Decoding"
+_M = "Model"
+_I = "Inputs"
+_O = "Output"
+
+
+def _opt(*names, help, panel, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
+def generate(
+    recipe: RecipePath = None,
+    overrides: Overrides = None,
+    # model
+    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name or local folder.", panel=_M)] = None,
+    family: Annotated[Optional[str], _opt("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
+    dtype: Annotated[Optional[str], _opt("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
+    device: Annotated[Optional[str], _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,
+    adapter: Annotated[Optional[str], _opt("--adapter", help="peft LoRA adapter folder.", panel=_M)] = None,
+    quantization: Annotated[Optional[str], _opt("--quantization", help="4bit|8bit (bitsandbytes, CUDA).", panel=_M)] = None,
+    trust_remote_code: Annotated[
+        Optional[bool], _opt("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
+    ] = None,
+    tokenizer: Annotated[Optional[str], _opt("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)] = None,
+    # decoding
+    decode: Annotated[
+        Optional[str],
+        _opt("--decode", help="categorical|topk|conv|llada|llada_conv|semi_ar|remdm|remdm_conv|threshold|nucleus", panel=_D),
+    ] = None,
+    gen_length: Annotated[Optional[int], _opt("--gen-length", help="Tokens to generate.", panel=_D)] = None,
+    steps: Annotated[Optional[int], _opt("--steps", help="Denoising steps.", panel=_D)] = None,
+    block_length: Annotated[Optional[int], _opt("--block-length", help="Blocks (llada/semi_ar/threshold).", panel=_D)] = None,
+    kernel_size: Annotated[Optional[int], _opt("--kernel-size", help="Conv window K (even: K+1).", panel=_D)] = None,
+    top_k: Annotated[Optional[int], _opt("--top-k", help="Keep the k best tokens.", panel=_D)] = None,
+    top_p: Annotated[Optional[float], _opt("--top-p", help="Nucleus p (nucleus).", panel=_D)] = None,
+    temperature: Annotated[Optional[float], _opt("--temperature", help="0 = argmax token.", panel=_D)] = None,
+    remasking: Annotated[Optional[str], _opt("--remasking", help="low_confidence|random (llada).", panel=_D)] = None,
+    cfg_scale: Annotated[Optional[float], _opt("--cfg-scale", help="Classifier-free guidance w.", panel=_D)] = None,
+    conv_mult: Annotated[Optional[float], _opt("--conv-mult", help="s = tanh(conv_mult * u).", panel=_D)] = None,
+    eos_fill: Annotated[Optional[bool], _opt("--eos-fill/--no-eos-fill", help="EOS right of the first EOS.", panel=_D)] = None,
+    repetition_penalty: Annotated[Optional[float], _opt("--repetition-penalty", help="1 = off.", panel=_D)] = None,
+    alpha_on: Annotated[Optional[float], _opt("--alpha-on", help="ReMDM loop.", panel=_D)] = None,
+    t_on: Annotated[Optional[float], _opt("--t-on", help="ReMDM loop start.", panel=_D)] = None,
+    t_off: Annotated[Optional[float], _opt("--t-off", help="ReMDM loop end (< t_on).", panel=_D)] = None,
+    eta: Annotated[Optional[float], _opt("--eta", help="ReMDM remasking probability.", panel=_D)] = None,
+    threshold: Annotated[Optional[float], _opt("--threshold", help="Confidence threshold.", panel=_D)] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Base seed; per item: (seed, id).", panel=_D)] = None,
+    # inputs
+    prompt: Annotated[Optional[list[str]], _opt("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
+    input: Annotated[Optional[str], _opt("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
+    eval_set: Annotated[Optional[str], _opt("--eval-set", help="alpaca_eval|gsm8k|wiki|arena_hard", panel=_I)] = None,
+    data_path: Annotated[Optional[str], _opt("--data-path", help="Local copy of the eval set.", panel=_I)] = None,
+    limit: Annotated[Optional[int], _opt("--limit", help="First N items.", panel=_I)] = None,
+    prompt_format: Annotated[
+        Optional[str], _opt("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
+    ] = None,
+    # output
+    output: Annotated[Optional[str], _opt("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,
+    overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace an existing output.", panel=_O)] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", help="Prompts per batch.", panel=_O)] = None,
+    generator: Annotated[Optional[str], _opt("--generator", help="alpaca_eval `generator` name.", panel=_O)] = None,
+    live: Annotated[bool, _opt("--live", help="Show the denoising canvas (one prompt).", panel=_O)] = False,
+    quiet: Annotated[bool, _opt("--quiet", "-q", help="No config panel or progress bar.", panel=_O)] = False,
+    debug: Debug = False,
+) -> None:
+    """Generate text with a diffusion LM (or an AR reference model with --decode nucleus).
+
+    Example: difflm generate -m GSAI-ML/LLaDA-8B-Instruct --decode conv --gen-length 256 --steps 64 --kernel-size 128 --top-k 1 -p "What is 7 * 8?"
+
+    Example: difflm generate --recipe recipes/generate-alpaca-eval.yaml -o runs/conv.json decode.steps=128
+
+    Outputs: OUT (a JSON list alpaca_eval reads), OUT.manifest.json (settings, versions, device, NFE, speed),
+    OUT.config.yaml (the resolved recipe). An interrupted run resumes: rerun the same command.
+    """
+    cli_values = {
+        "model": dict(name=model, family=family, dtype=dtype, device=device, adapter=adapter,
+                      quantization=quantization, trust_remote_code=trust_remote_code, tokenizer=tokenizer),
+        "decode": dict(method=decode, gen_length=gen_length, steps=steps, block_length=block_length,
+                       kernel_size=kernel_size, top_k=top_k, top_p=top_p, temperature=temperature,
+                       remasking=remasking, cfg_scale=cfg_scale, conv_mult=conv_mult, eos_fill=eos_fill,
+                       repetition_penalty=repetition_penalty, alpha_on=alpha_on, t_on=t_on, t_off=t_off, eta=eta,
+                       threshold=threshold, seed=seed),
+        "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
+                     prompt_format=prompt_format),
+        "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
+    }
+
+    def work() -> None:
+        from difflm.generation import GenerateRecipe, run_generate
+
+        cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, cli_values)
+        if live:
+            cfg.batch_size = 1
+        if not quiet:
+            print_config(cfg)
+        _run(cfg, live=live, quiet=quiet, run_generate=run_generate)
+
+    run_command(work, debug)
+
+
+def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from difflm.generation import init_distributed, load_items, load_recipe_model
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own spinner and bar instead
+    err = err_console()
+    dist = init_distributed()
+    quiet = quiet or not dist.main
+    items = load_items(cfg.data)  # bad inputs fail before the (slow) model load
+    with err.status(f"loading {cfg.model.name} ...", spinner="dots") if not quiet else _null():
+        model = load_recipe_model(cfg.model, dist)
+    state = {"tokens": 0, "t0": time.perf_counter()}
+    progress = Progress(
+        TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=quiet or live,
+    )
+    task = progress.add_task("generate", total=None, rate="")
+
+    def on_start(total: int, done: int) -> None:
+        progress.update(task, total=total, completed=done)
+        if done:
+            err.print(f"resuming: {done} of {total} items already done")
+
+    def on_batch(recs: list[dict]) -> None:
+        state["tokens"] += sum(r["content_tokens"] for r in recs)
+        dt = time.perf_counter() - state["t0"]
+        state["items"] = state.get("items", 0) + len(recs)
+        progress.update(task, advance=len(recs), rate=f"{state['tokens'] / dt:.1f} tok/s  {state['items'] / dt:.2f} items/s")
+
+    step_callback = None
+    live_view = None
+    if live:
+        live_view = Live(console=err, refresh_per_second=20, transient=False)
+        ids = model.ids
+
+        def step_callback(ev: dict) -> None:
+            gen = ev["x"][0].tolist()[-cfg.decode.gen_length :]
+            text = Text()
+            for t in gen:
+                if t == ids.mask_id:
+                    text.append("░", style="dim")
+                elif t in (ids.eos_id, ids.eot_id):
+                    text.append("·", style="dim cyan")
+                else:
+                    text.append(model.tokenizer.decode([t]), style="bold")
+            live_view.update(Panel(text, title=f"step {ev['step']}  NFE {ev['nfe']}", border_style="magenta"))
+
+    with progress, (live_view or _null()):
+        records, man = run_generate(cfg, model=model, items=items, on_start=on_start, on_batch=on_batch, step_callback=step_callback)
+    if man is None:  # not rank 0
+        return
+    out = console()
+    if not cfg.output or live:
+        for r in records:
+            out.rule(f"[bold]{r['id']}")
+            out.print(r["output"], markup=False, highlight=False)
+    err.print(
+        f"[green]done[/]: {man['items']} items, {man['content_tokens']} content tokens, "
+        f"{man['content_tokens_per_nfe']:.2f} tokens/NFE, "
+        + (f"{man['tokens_per_second']:.1f} tokens/s" if man["tokens_per_second"] else "")
+        + f" on {man['device']}"
+        + (f"; {man['filled_positions']} positions filled by the final argmax pass" if man["filled_positions"] else "")
+        + (f"\nwrote {cfg.output} and {Path(cfg.output).name}.manifest.json" if cfg.output else "")
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)

@@ -1,0 +1,163 @@
+"""`difflm generate` end to end on a tiny LLaDA-format checkpoint: files, resume, errors, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from difflm.config import load_recipe
+from difflm.errors import ConfigError
+from difflm.generation import GenerateRecipe, run_generate
+
+FIX = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _gen_args(model_dir, out, *extra):
+    return ["generate", "-m", str(model_dir), "--eval-set", "gsm8k", "--data-path", str(FIX / "gsm8k.jsonl"),
+            "--limit", "5", "--gen-length", "16", "--steps", "4", "--decode", "conv", "--top-k", "2",
+            "-o", str(out), "-q", *extra]
+
+
+def test_generate_writes_alpaca_eval_records_manifest_and_config(tiny_llada_dir, tmp_path):
+    out = tmp_path / "run" / "out.json"
+    res = runner.invoke(app, _gen_args(tiny_llada_dir, out, "--batch-size", "2"))
+    assert res.exit_code == 0, res.output
+    recs = json.loads(out.read_text())
+    assert [r["id"] for r in recs] == [f"gsm8k-{i}" for i in range(5)]  # item order, not batch order
+    for r in recs:
+        assert {"instruction", "output", "generator", "dataset", "id", "answer"} <= set(r)
+        assert isinstance(r["output"], str) and r["generator"] == f"{tiny_llada_dir.name}-conv"
+        assert 0 <= r["content_tokens"] <= 16 and r["nfe"] == 4
+    man = json.loads(Path(str(out) + ".manifest.json").read_text())
+    assert man["decode"]["method"] == "conv" and man["decode"]["steps"] == 4 and man["items"] == 5
+    assert man["content_tokens"] == sum(r["content_tokens"] for r in recs)
+    assert "torch" in man["versions"] and man["device"].startswith("cpu")
+    cfg = load_recipe(GenerateRecipe, str(out) + ".config.yaml")
+    assert cfg.decode.top_k == 2 and cfg.data.limit == 5
+    assert not list(out.parent.glob("*.partial.jsonl"))
+    # an existing output is not overwritten without --overwrite: one line, exit 2
+    again = runner.invoke(app, _gen_args(tiny_llada_dir, out))
+    assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
+
+
+def test_outputs_do_not_depend_on_batch_size(tiny_llada_dir, tmp_path):
+    outs = []
+    for b in ("1", "3"):
+        out = tmp_path / f"b{b}.json"
+        res = runner.invoke(app, _gen_args(tiny_llada_dir, out, "--batch-size", b, "--temperature", "0"))
+        assert res.exit_code == 0, res.output
+        outs.append([r["output"] for r in json.loads(out.read_text())])
+    assert outs[0] == outs[1]
+
+
+def _recipe(model_dir, out, **decode):
+    return load_recipe(GenerateRecipe, None, [], {
+        "model.name": str(model_dir), "output": str(out), "batch_size": 2,
+        "data.eval_set": "gsm8k", "data.data_path": str(FIX / "gsm8k.jsonl"), "data.limit": 6,
+        "decode.gen_length": 16, "decode.steps": 4, **{f"decode.{k}": v for k, v in decode.items()},
+    })
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_llada_dir, tmp_path):
+    full, _ = run_generate(_recipe(tiny_llada_dir, tmp_path / "full.json"))
+    out = tmp_path / "cut.json"
+    calls = []
+
+    def stop_after_first(recs):
+        calls.append(len(recs))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(_recipe(tiny_llada_dir, out), on_batch=stop_after_first)
+    partial = list(tmp_path.glob("cut.json.rank0.partial.jsonl"))
+    assert partial and not out.exists()
+    # a kill -9 in the middle of a write leaves half a line: it is dropped on resume
+    with open(partial[0], "a") as f:
+        f.write('{"id": "gsm8k-5", "outp')
+    seen = {}
+    recs, man = run_generate(_recipe(tiny_llada_dir, out), on_start=lambda total, done: seen.update(total=total, done=done))
+    assert seen == {"total": 6, "done": 2}
+    assert [r["output"] for r in recs] == [r["output"] for r in full]
+    assert json.loads(out.read_text()) == recs and man["items"] == 6
+
+
+def test_resume_with_other_settings_is_refused(tiny_llada_dir, tmp_path):
+    out = tmp_path / "o.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(_recipe(tiny_llada_dir, out), on_batch=lambda r: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(ConfigError, match="steps"):
+        run_generate(_recipe(tiny_llada_dir, out, steps=8))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--decode", "beam"], "decode.method"),
+        (["--steps", "0"], "decode.steps"),
+        (["--decode", "llada", "--block-length", "5"], "block_length"),
+        (["--decode", "remdm", "--t-on", "0.2", "--t-off", "0.5"], "t_off"),
+        (["--prompt-format", "xml"], "data.prompt_format"),
+        (["decode.stpes=3"], "decode.steps"),
+        (["--eval-set", "mmlu"], "data.eval_set"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(tiny_llada_dir, tmp_path, args, needle):
+    base = ["generate", "-m", str(tiny_llada_dir), "-p", "hello", "--gen-length", "16", "--steps", "4", "-q"]
+    res = runner.invoke(app, base + args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_missing_model_and_input_file_exit_2(tmp_path):
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path / "nope"), "-p", "hi", "-q"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path), "--input", str(tmp_path / "none.jsonl"), "-q"])
+    assert res.exit_code == 2 and "none.jsonl" in res.output
+
+
+def test_recipes_in_the_repo_load():
+    for path in sorted((REPO / "recipes").glob("generate-*.yaml")) + [REPO / "recipes" / "reference-nucleus.yaml"]:
+        text = path.read_text()
+        assert text.startswith("# difflm "), f"{path.name} must open with the command that runs it"
+        cfg = load_recipe(GenerateRecipe, str(path))
+        cfg.decode.validate()
+
+
+def test_live_view_and_prompt_printing(tiny_llada_dir):
+    res = runner.invoke(app, ["generate", "-m", str(tiny_llada_dir), "-p", "the cat", "--gen-length", "8",
+                              "--steps", "4", "--live", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "prompt-0" in res.output
+
+
+def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    common = ["-m", str(tiny_llada_dir), "--eval-set", "gsm8k", "--data-path", str(FIX / "gsm8k.jsonl"),
+              "--limit", "5", "--gen-length", "16", "--steps", "4", "--decode", "topk", "--top-k", "3",
+              "--batch-size", "1", "-q"]
+    single = tmp_path / "single.json"
+    assert runner.invoke(app, ["generate", *common, "-o", str(single)]).exit_code == 0
+    multi = tmp_path / "multi.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "cli.main", "generate", *common, "-o", str(multi)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert [r["output"] for r in a] == [r["output"] for r in b]
+    assert json.loads(Path(str(multi) + ".manifest.json").read_text())["world_size"] == 2
