@@ -170,6 +170,8 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
         records, man = run_generate(cfg, model=model, items=items, on_start=on_start, on_batch=on_batch, step_callback=step_callback)
     if man is None:  # not rank 0
         return
+    if live:
+        err.print()
     out = console()
     if not cfg.output or live:
         for r in records:
