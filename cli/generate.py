@@ -59,6 +59,10 @@ def generate(
     t_off: Annotated[Optional[float], _opt("--t-off", help="ReMDM loop end (< t_on).", panel=_D)] = None,
     eta: Annotated[Optional[float], _opt("--eta", help="ReMDM remasking probability.", panel=_D)] = None,
     threshold: Annotated[Optional[float], _opt("--threshold", help="Confidence threshold.", panel=_D)] = None,
+    cache: Annotated[Optional[str], _opt("--cache", help="prefix|dual KV cache (block methods).", panel=_D)] = None,
+    cache_refresh: Annotated[
+        Optional[int], _opt("--cache-refresh", help="Steps between cache refreshes in a block.", panel=_D)
+    ] = None,
     seed: Annotated[Optional[int], _opt("--seed", help="Base seed; per item: (seed, id).", panel=_D)] = None,
     # inputs
     prompt: Annotated[Optional[list[str]], _opt("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
@@ -94,7 +98,7 @@ def generate(
                        kernel_size=kernel_size, top_k=top_k, top_p=top_p, temperature=temperature,
                        remasking=remasking, cfg_scale=cfg_scale, conv_mult=conv_mult, eos_fill=eos_fill,
                        repetition_penalty=repetition_penalty, alpha_on=alpha_on, t_on=t_on, t_off=t_off, eta=eta,
-                       threshold=threshold, seed=seed),
+                       threshold=threshold, cache=cache, cache_refresh=cache_refresh, seed=seed),
         "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
                      prompt_format=prompt_format),
         "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,

@@ -445,3 +445,47 @@ def test_item_seed_is_stable():
     assert item_seed(0, "a") == item_seed(0, "a")
     assert item_seed(0, "a") != item_seed(1, "a") != item_seed(0, "b")
     assert 0 <= item_seed(0, "a") < 2**63
+
+
+# ------------------------------------------------------------------------------------------------
+# approximate KV cache (prefix / dual) on the native Llama path
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cached_window_logits_equal_full_forward_right_after_refresh(tiny_llama, mode):
+    from difflm.decoding.cache import BlockCache
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 30, (2, 20))
+    am = torch.tensor([[0, 0] + [1] * 18, [1] * 20])
+    kv = BlockCache(tiny_llama, mode)
+    lo, hi = 8, (12 if mode == "dual" else 20)
+    full = kv.full(x, am, lo, hi)
+    part = kv.step(x)
+    assert torch.allclose(part, full[:, lo:hi], atol=1e-5)
+    part2 = kv.step(x)  # the cache was cropped back: the same again
+    assert torch.allclose(part2, part, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["llada", "threshold", "semi_ar"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_cache_refreshed_every_step_gives_uncached_tokens(tiny_llama, method, mode):
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    ids = torch.tensor([[TPAD] * (6 - len(p)) + p for p in prompts])
+    am = torch.tensor([[0] * (6 - len(p)) + [1] * len(p) for p in prompts])
+    base = _cfg(method, threshold=0.3 if method == "threshold" else None)
+    plain = generate(tiny_llama, ids, base, mask_id=TMASK, eos_id=TEOS, attention_mask=am)
+    import dataclasses
+
+    every = dataclasses.replace(base, cache=mode, cache_refresh=1)
+    cached = generate(tiny_llama, ids, every, mask_id=TMASK, eos_id=TEOS, attention_mask=am)
+    assert torch.equal(plain.sequences, cached.sequences) and plain.nfe == cached.nfe
+    # per-block refresh (the fast setting) still decodes every position and counts its passes
+    fast = generate(tiny_llama, ids, dataclasses.replace(base, cache=mode), mask_id=TMASK, eos_id=TEOS, attention_mask=am)
+    assert not (fast.sequences == TMASK).any() and fast.nfe == plain.nfe
+
+
+def test_cache_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError) as e:
+        DecodeConfig(method="conv", cache="prefix").validate()
+    assert e.value.key == "cache"
+    with pytest.raises(ConfigError):
+        DecodeConfig(method="llada", cache="dual", cfg_scale=1.0).validate()

@@ -57,6 +57,13 @@ class DecodeConfig:
     threshold: float | None = field(
         default=None, metadata={"help": "confidence threshold (method threshold; default 0.9)", "min": 0.0}
     )
+    cache: str | None = field(
+        default=None,
+        metadata={"help": "approximate KV cache for block methods (Fast-dLLM)", "choices": [None, "prefix", "dual"]},
+    )
+    cache_refresh: int | None = field(
+        default=None, metadata={"help": "steps between cache refreshes inside a block (default: per block)", "min": 1}
+    )
     seed: int = field(default=0, metadata={"help": "base seed; each item's noise is seeded from (seed, id)"})
 
     # ----------------------------------------------------------------------------------------------
@@ -105,6 +112,13 @@ class DecodeConfig:
                 raise ConfigError(f"alpha_on must be in (0, 1), got {self.alpha_on}", key="alpha_on")
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
+        if self.cache not in (None, "prefix", "dual"):
+            raise ConfigError(f"unknown cache {self.cache!r}; allowed: prefix, dual", key="cache")
+        if self.cache is not None:
+            if m not in BLOCK_METHODS:
+                raise ConfigError(f"cache works with the block methods {', '.join(BLOCK_METHODS)}, not {m}", key="cache")
+            if self.cfg_scale > 0:
+                raise ConfigError("cache cannot be combined with cfg_scale > 0", key="cache")
         if prompt_length is not None and max_length is not None and prompt_length + self.gen_length > max_length:
             raise ConfigError(
                 f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's context "

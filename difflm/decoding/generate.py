@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from difflm.decoding import steps as S
+from difflm.decoding.cache import BlockCache
 from difflm.decoding.config import BLOCK_METHODS, CONV_METHODS, DecodeConfig
 from difflm.errors import ConfigError
 
@@ -142,6 +143,9 @@ class _Decoder:
         self.nfe = 0
         self.step = 0
         self.last_logits: torch.Tensor | None = None
+        self.kv = BlockCache(model, cfg.cache) if cfg.cache else None
+        self.block = (0, self.L)  # the current block [start, end) in generated positions
+        self.since_refresh: int | None = None  # None: the next forward refreshes the cache
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -156,6 +160,8 @@ class _Decoder:
     def forward(self) -> torch.Tensor:
         """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied."""
         cfg, x, attn = self.cfg, self.x, self.attn
+        if self.kv is not None:
+            return self.forward_cached()
         if cfg.cfg_scale > 0:
             un = x.clone()
             prompt_real = self.valid[:, : self.plen]
@@ -169,12 +175,35 @@ class _Decoder:
         else:
             logits = _logits_of(self.model(x, attention_mask=attn))[:, self.plen :].float()
             self.nfe += 1
+        self.last_logits = self.postprocess(logits)
+        return self.last_logits
+
+    def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
+        """MASK at -inf and the repetition penalty, on logits of all or a window of the positions."""
         logits[..., self.mask_id] = float("-inf")
-        if cfg.repetition_penalty != 1.0:
-            known = self.valid & (x != self.mask_id)
-            S.apply_repetition_penalty(logits, x, known, cfg.repetition_penalty)
-        self.last_logits = logits
+        if self.cfg.repetition_penalty != 1.0:
+            known = self.valid & (self.x != self.mask_id)
+            S.apply_repetition_penalty(logits, self.x, known, self.cfg.repetition_penalty)
         return logits
+
+    def forward_cached(self) -> torch.Tensor:
+        """Block methods with `cache`: a full pass at each block start (and every `cache_refresh` steps),
+        otherwise only the window (prefix: block + suffix; dual: block), into the same logits buffer."""
+        bs, be = self.block
+        lo, hi = self.plen + bs, self.plen + (be if self.cfg.cache == "dual" else self.L)
+        refresh = self.since_refresh is None or (
+            self.cfg.cache_refresh is not None and self.since_refresh >= self.cfg.cache_refresh
+        )
+        self.nfe += 1
+        if refresh:
+            logits = self.kv.full(self.x, self.attn, lo, hi)[:, self.plen :].float()
+            self.last_logits = self.postprocess(logits)
+            self.since_refresh = 1
+        else:
+            part = self.kv.step(self.x).float()
+            self.last_logits[:, lo - self.plen : hi - self.plen] = self.postprocess(part)
+            self.since_refresh += 1
+        return self.last_logits
 
     def conv_scales(self) -> torch.Tensor:
         known = self.valid & (self.x != self.mask_id)
@@ -219,6 +248,7 @@ class _Decoder:
         per_block = self.cfg.steps // n_blocks
         self.block_filled = torch.zeros(self.x.shape[0], dtype=torch.long, device=self.x.device)
         for bi in range(n_blocks):
+            self.block, self.since_refresh = (bi * block, (bi + 1) * block), None
             window = torch.zeros_like(self.gen, dtype=torch.bool)
             window[:, bi * block : (bi + 1) * block] = True
             inner(window, per_block)
