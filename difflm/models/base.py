@@ -194,19 +194,11 @@ class DiffusionLM:
         self._forward = _FORWARDS[family]
 
     @classmethod
-    def from_module(
-        cls,
-        module: nn.Module,
-        family: str,
-        ids: TokenIds,
-        tokenizer: Any = None,
-        name: str = "",
-        max_length: int | None = None,
-        vocab_size: int | None = None,
-    ) -> "DiffusionLM":
-        """Wrap a module built in memory (tests, custom models); puts it in eval mode like load_model."""
+    def from_module(cls, module: nn.Module, family: str, ids: TokenIds, **kwargs: Any) -> "DiffusionLM":
+        """Wrap a module built in memory (tests, custom models); puts it in eval mode like load_model.
+        Keyword arguments are those of the constructor (tokenizer, name, max_length, vocab_size, ...)."""
         module.eval()
-        return cls(module, family, ids, tokenizer=tokenizer, name=name, max_length=max_length, vocab_size=vocab_size)
+        return cls(module, family, ids, **kwargs)
 
     # -- properties -------------------------------------------------------------------------------
     @property
