@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: install test demo bench clean help
 
 help:
-	@echo "make install | test | demo | bench | clean"
+	@echo "make install | test | demo | bench | eval-gsm8k | tiny-llada | clean"
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -34,3 +34,5 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+include eval.mk

@@ -1,4 +1,7 @@
-"""`difflm eval`: benchmarks and reports (not built yet). A typer sub-app: gsm8k, alpaca, fluency, report."""
+"""`difflm eval`: score `difflm generate` outputs and put runs side by side.
+
+Thin: options -> `difflm.eval.*` -> printing. Subcommands: gsm8k, alpaca, fluency, report.
+"""
 
 from __future__ import annotations
 
@@ -7,58 +10,239 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, Overrides, RecipePath, not_built
+from cli.common import Debug, console, err_console, run_command
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate outputs or models: GSM8K accuracy, AlpacaEval export, fluency and speed, reports.\n\n"
-    "Example: difflm eval gsm8k --recipe recipes/gsm8k.yaml decode.steps=64",
+    help="Evaluate generated outputs: GSM8K accuracy, AlpacaEval win rates, fluency diagnostics, reports.\n\n"
+    "Example: difflm eval gsm8k --outputs runs/gsm8k-conv.json\n\n"
+    "lm-evaluation-harness tasks: python -m difflm.eval.lm_eval_model --model difflm --model_args pretrained=... "
+    "--tasks ...",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
 
+Outputs = Annotated[
+    Path,
+    typer.Option("--outputs", "-i", metavar="OUT.json", dir_okay=False,
+                 help="Outputs JSON written by difflm generate (its manifest beside it)."),
+]
+Results = Annotated[
+    Optional[Path],
+    typer.Option("--results", metavar="FILE", dir_okay=False,
+                 help="Where to write the results JSON (default: OUT.json.<task>.json)."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the headline number.")]
+
 
 @eval_app.command("gsm8k")
-def gsm8k(recipe: RecipePath = None, overrides: Overrides = None, debug: Debug = False) -> None:
-    """Generate GSM8K answers and score the last number of each against the gold answer.
+def gsm8k(
+    outputs: Outputs,
+    data_path: Annotated[
+        Optional[Path],
+        typer.Option("--data-path", metavar="FILE", dir_okay=False,
+                     help="Local copy of the GSM8K test set (hub schema: question, answer) for the gold answers."),
+    ] = None,
+    hub: Annotated[bool, typer.Option("--hub", help="Gold answers from openai/gsm8k on the Hub.")] = False,
+    results: Results = None,
+    show: Annotated[int, typer.Option("--show", metavar="N", help="Print N wrong items.")] = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Score GSM8K outputs: the last number of each output (a \\boxed{} value first) against the gold answer.
 
-    Example: difflm eval gsm8k --recipe recipes/gsm8k.yaml decode.steps=64
+    Example: difflm eval gsm8k --outputs runs/gsm8k-conv.json
+
+    Gold answers: the records' own `answer` fields (difflm generate --eval-set gsm8k keeps them), or
+    --data-path FILE / --hub. Writes OUT.json.gsm8k.json (per-item results) and prints accuracy ± its
+    standard error sqrt(p(1-p)/n).
     """
-    not_built("eval gsm8k")
+
+    def work() -> None:
+        from difflm.eval.gsm8k import evaluate_file
+
+        res = evaluate_file(outputs, data_path=data_path, use_hub=hub, results=results)
+        out = console()
+        line = (f"GSM8K accuracy {100 * res['accuracy']:.2f}% ± {100 * res['stderr']:.2f} "
+                f"({res['correct']}/{res['n']} correct, {res['no_answer']} without a number)")
+        if quiet:
+            out.print(line, highlight=False)
+            return
+        s = res["settings"]
+        out.print(f"[bold]{line}[/]", highlight=False)
+        err_console().print(
+            f"model {s.get('model')} · method {s.get('method')} · steps {s.get('steps')} · "
+            f"gen_length {s.get('gen_length')} · prompt {s.get('prompt_format')}\n"
+            f"results: {res['results_path']}  manifest: {res['manifest']}",
+            highlight=False,
+        )
+        wrong = [it for it in res["items"] if not it["correct"]][:show]
+        for it in wrong:
+            err_console().print(f"  {it['id']}: predicted {it['prediction']}, gold {it['gold']}", highlight=False)
+
+    run_command(work, debug)
 
 
 @eval_app.command("alpaca")
-def alpaca(recipe: RecipePath = None, overrides: Overrides = None, debug: Debug = False) -> None:
-    """Generate AlpacaEval outputs (the JSON list alpaca_eval reads) and optionally run the judge.
+def alpaca(
+    outputs: Outputs,
+    reference: Annotated[
+        Path,
+        typer.Option("--reference", metavar="REF.json", dir_okay=False,
+                     help="Reference outputs (paper: an AR model of the same size, difflm generate --decode nucleus)."),
+    ],
+    annotator: Annotated[
+        str,
+        typer.Option("--annotator", help="alpaca_eval annotator config (name, folder or configs.yaml)."),
+    ] = "weighted_alpaca_eval_gpt4_turbo",
+    output_dir: Annotated[
+        Optional[Path],
+        typer.Option("--output-dir", file_okay=False, help="alpaca_eval's files (default: OUT.json.alpaca_eval/)."),
+    ] = None,
+    max_instances: Annotated[
+        Optional[int], typer.Option("--max-instances", min=1, help="Judge only N pairs (a cheap trial).")
+    ] = None,
+    results: Results = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Judge outputs against reference answers with alpaca_eval: win rate and length-controlled win rate.
 
-    Example: difflm eval alpaca --recipe recipes/alpaca_eval.yaml decode.top_k=20
+    Example: difflm eval alpaca --outputs runs/alpaca-conv.json --reference runs/reference.json
+
+    Needs the judge's API key (default annotator, GPT-4-turbo: OPENAI_API_KEY) and network. The LC win rate
+    needs the full 805-instruction AlpacaEval set. Writes OUT.json.alpaca.json and OUT.json.alpaca_eval/.
     """
-    not_built("eval alpaca")
+
+    def work() -> None:
+        from difflm.eval.alpaca import evaluate_files
+
+        err = err_console()
+        res = evaluate_files(
+            outputs, reference, annotator=annotator, output_dir=output_dir, max_instances=max_instances,
+            results=results, on_progress=None if quiet else (lambda msg: err.print(msg, highlight=False)),
+        )
+
+        def pm(v, se):
+            return "-" if v is None else (f"{v:.2f}" + ("" if se is None else f" ± {se:.2f}"))
+
+        out = console()
+        out.print(
+            f"AlpacaEval vs {Path(res['reference']).name}: win rate {pm(res['win_rate'], res['standard_error'])}%, "
+            f"LC win rate {pm(res['length_controlled_winrate'], res['lc_standard_error'])}% "
+            f"({res['n_total']} pairs, annotator {res['annotator']})",
+            highlight=False,
+        )
+        if not quiet:
+            if res.get("lc_note"):
+                err.print(f"note: {res['lc_note']}", highlight=False)
+            err.print(f"results: {res['results_path']}  alpaca_eval files: {res['output_dir']}", highlight=False)
+
+    run_command(work, debug)
 
 
 @eval_app.command("fluency")
-def fluency(recipe: RecipePath = None, overrides: Overrides = None, debug: Debug = False) -> None:
-    """Measure repetition and speed (content tokens per NFE) of generated outputs.
+def fluency(
+    outputs: Outputs,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option("--tokenizer", help="Tokenizer (folder or Hub name) for token-level metrics; default: words."),
+    ] = None,
+    frequent_from: Annotated[
+        Optional[Path],
+        typer.Option("--frequent-from", metavar="FILE", dir_okay=False,
+                     help="Outputs JSON whose tokens define the frequent set (default: the outputs themselves)."),
+    ] = None,
+    top_frequent: Annotated[int, typer.Option("--top-frequent", min=1, help="Size of the frequent-token set.")] = 100,
+    position_n: Annotated[int, typer.Option("--position-n", min=1, help="n of the repetition-by-position curve.")] = 4,
+    bin_width: Annotated[int, typer.Option("--bin-width", min=1, help="Positions per bin of the curve.")] = 64,
+    results: Results = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Repetition and diversity of outputs: rep-2/rep-4, distinct-n, longest repeated span, frequent-token
+    share, lengths, empty answers, and repetition by distance from the prompt.
 
-    Example: difflm eval fluency --recipe recipes/fluency.yaml decode.steps=128
+    Example: difflm eval fluency --outputs runs/alpaca-conv.json --tokenizer GSAI-ML/LLaDA-8B-Instruct
+
+    Formulas: difflm/eval/README.md. Writes OUT.json.fluency.json.
     """
-    not_built("eval fluency")
+
+    def work() -> None:
+        from rich.table import Table
+
+        from difflm.eval.fluency import evaluate_file
+
+        res = evaluate_file(outputs, tokenizer=tokenizer, frequent_from=frequent_from, top_frequent=top_frequent,
+                            position_n=position_n, bin_width=bin_width, results=results)
+        agg = res["aggregate"]
+        out = console()
+
+        def f(v, d=3):
+            return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
+
+        if quiet:
+            out.print(f"rep-2 {f(agg['rep_2'])} rep-4 {f(agg['rep_4'])} distinct-2 {f(agg['distinct_2'])} "
+                      f"empty {f(agg['empty_share'])}", highlight=False)
+            return
+        t = Table(title=f"fluency of {outputs} ({res['settings']['fluency']['tokens']} tokens)")
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        for k in ("outputs", "rep_2", "rep_4", "distinct_1", "distinct_2", "distinct_4", "longest_repeat_mean",
+                  "longest_repeat_max", "frequent_share", "tokens_mean", "content_tokens_mean", "empty_share"):
+            t.add_row(k, f(agg.get(k)))
+        out.print(t)
+        c = Table(title=f"repetition by position (rep-{position_n}, bins of {bin_width})")
+        for col in ("positions", "counted", "repeated", "rate"):
+            c.add_column(col, justify="right")
+        for b in res["position_curve"]:
+            c.add_row(f"{b['start']}-{b['end'] - 1}", str(b["positions"]), str(b["repeats"]), f(b["rate"]))
+        out.print(c)
+        err_console().print(f"results: {res['results_path']}", highlight=False)
+
+    run_command(work, debug)
 
 
 @eval_app.command("report")
 def report(
     runs: Annotated[
-        Optional[list[Path]],
-        typer.Argument(metavar="RUN_DIR", show_default=False, help="Eval run folders (each with its manifest)."),
-    ] = None,
+        list[Path],
+        typer.Argument(metavar="RUN...", show_default=False,
+                       help="Outputs JSON of difflm generate (manifest beside it) or folders of them."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Folder for report.md, report.json and the PNG plots.")
+    ] = Path("runs/report"),
+    title: Annotated[str, typer.Option("--title", help="Report title.")] = "difflm eval report",
     debug: Debug = False,
 ) -> None:
-    """Summarise eval runs into one table (accuracy, win rate, tokens per NFE, settings).
+    """Put runs side by side: a table, report.md, report.json and PNG plots (score vs steps per method,
+    repetition vs position, content tokens per forward pass). Every number names its manifest.
 
-    Example: difflm eval report runs/gsm8k-conv runs/gsm8k-llada
+    Example: difflm eval report runs/gsm8k-conv.json runs/gsm8k-llada.json --out runs/report
     """
-    not_built("eval report")
+
+    def work() -> None:
+        from rich.table import Table
+
+        from difflm.eval.report import COLUMNS, TERMINAL_COLUMNS, build_report
+
+        rep = build_report(runs, out_dir=out_dir, title=title)
+        cols = [(name, fn) for name, fn in COLUMNS if name in TERMINAL_COLUMNS]
+        t = Table(title=title)
+        for name, _ in cols:
+            t.add_column(name, overflow="fold", justify="left" if name in ("run", "method") else "right")
+        for r in rep["rows"]:
+            t.add_row(*[str(fn(r)) for _, fn in cols])
+        console().print(t)
+        err = err_console()
+        for r in rep["rows"]:
+            err.print(f"{r['label']}: {r.get('model')} on {r.get('device')}, manifest {r.get('manifest') or 'none'}",
+                      highlight=False)
+        err.print("wrote " + ", ".join(rep["files"].values()), highlight=False)
+
+    run_command(work, debug)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,275 @@
+"""The `difflm` model for EleutherAI's lm-evaluation-harness (lm-eval 0.4.x).
+
+Importing this module registers the model name ``difflm`` with lm-eval. lm-eval 0.4 has no plugin
+entry point for models, so its own ``lm_eval`` command cannot see it; run lm-eval through this module
+instead (same arguments as ``lm_eval``)::
+
+    python -m difflm.eval.lm_eval_model --model difflm \\
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,dtype=bfloat16,decode=conv,steps=64,gen_length=512,kernel_size=128,top_k=1 \\
+        --tasks gsm8k --batch_size 8
+
+    # offline smoke test on the tiny task shipped with the tests (from the repo root)
+    python -m difflm.eval.lm_eval_model --model difflm --model_args pretrained=DIR,steps=8,gen_length=16,mc_num=8 \\
+        --include_path tests/fixtures/eval/lm_eval --tasks difflm_tiny_gen,difflm_tiny_choice --limit 3
+
+or from Python: ``import difflm.eval.lm_eval_model`` then ``lm_eval.simple_evaluate(model="difflm",
+model_args={...})``, or pass ``DifflmLM(model=<a loaded DiffusionLM>, ...)`` as the model.
+
+model_args:
+  model loading: ``pretrained`` (folder or Hub name), ``family``, ``dtype``, ``device``, ``adapter``,
+  ``quantization``, ``trust_remote_code``, ``tokenizer`` (as `difflm.load_model`).
+  decoding (generate_until): ``decode`` (the method; alias ``method``) and every `DecodeConfig` field
+  (``steps``, ``gen_length``, ``block_length``, ``kernel_size``, ``top_k``, ``temperature``, ...).
+  ``gen_length`` defaults to the task's ``max_gen_toks``. Other generation kwargs of a task
+  (``do_sample``, ``temperature``) are ignored: decoding is what model_args say. Outputs are cut at the
+  first EOS/EOT (by id) and then at the first of the task's ``until`` strings.
+  likelihood (loglikelihood requests): ``mc_num`` (Monte-Carlo samples, default 128 as LLaDA),
+  ``mc_batch_size`` (samples per forward pass, default 32), ``check_greedy`` (default True). The
+  estimator is `difflm.eval.likelihood.mc_loglikelihood` (LLaDA's bound; formula there).
+  ``batch_size`` (lm-eval's option): prompts per generate_until batch.
+  ``max_length``: context limit (default: the model's).
+
+``loglikelihood_rolling`` (perplexity tasks) uses the same bound over windows of the text, each
+conditioned on BOS and the preceding tokens: it is a bound, not an exact log-likelihood.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import model_registry
+
+from difflm.decoding import DecodeConfig
+from difflm.errors import ConfigError
+
+__all__ = ["DifflmLM", "main", "register"]
+
+log = logging.getLogger(__name__)
+
+_LOAD_KEYS = ("family", "dtype", "adapter", "quantization", "trust_remote_code", "tokenizer")
+_DECODE_FIELDS = {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+def _int_or(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default  # lm-eval's "auto" / "auto:4"
+
+
+class DifflmLM(LM):
+    """lm-eval's LM interface over a difflm `DiffusionLM` (see the module doc for model_args)."""
+
+    def __init__(
+        self,
+        pretrained: Any = None,
+        model: Any = None,
+        device: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        mc_num: int = 128,
+        mc_batch_size: int = 32,
+        check_greedy: bool = True,
+        max_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        from difflm.config import from_dict
+        from difflm.models import load_model
+
+        load_kwargs = {k: kwargs.pop(k) for k in _LOAD_KEYS if k in kwargs}
+        decode = {}
+        if "decode" in kwargs:
+            decode["method"] = kwargs.pop("decode")
+        for k in list(kwargs):
+            if k in _DECODE_FIELDS:
+                decode[k] = kwargs.pop(k)
+        if kwargs:
+            raise ConfigError(
+                f"unknown difflm model_args: {', '.join(sorted(kwargs))} (see difflm.eval.lm_eval_model)",
+                key="model_args",
+            )
+        self._gen_length_given = "gen_length" in decode
+        self.decode_base = from_dict(DecodeConfig, decode, prefix="model_args.")
+        if model is None and not isinstance(pretrained, (str, type(None))):
+            model, pretrained = pretrained, None  # a loaded DiffusionLM passed as `pretrained`
+        if model is None:
+            if pretrained is None:
+                raise ConfigError("pass pretrained=MODEL (folder or Hub name)", key="model_args.pretrained")
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                log.warning("device %s requested (lm_eval's default is cuda:0) but no GPU is visible: using cpu", device)
+                device = "cpu"
+            model = load_model(str(pretrained), device=device, **load_kwargs)
+        if model.tokenizer is None:
+            raise ConfigError(f"model {model.name} has no tokenizer: pass tokenizer=DIR", key="model_args.tokenizer")
+        if not model.is_diffusion:
+            raise ConfigError("the difflm lm-eval model needs a diffusion LM (use lm-eval's hf model for AR models)",
+                              key="model_args.pretrained")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.mc_num = int(mc_num)
+        self.mc_batch_size = int(mc_batch_size)
+        self.check_greedy = bool(check_greedy)
+        self.batch_size = max(1, _int_or(batch_size, 1))
+        self._max_length = int(max_length) if max_length else model.max_length
+        self._device = model.device
+
+    # -- lm-eval plumbing --------------------------------------------------------------------------
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", self.model.name)).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def _seed(self, *parts: str) -> torch.Generator:
+        from difflm.decoding import item_seed
+
+        g = torch.Generator()
+        g.manual_seed(item_seed(self.decode_base.seed, "\x1f".join(parts)))
+        return g
+
+    # -- generate_until ----------------------------------------------------------------------------
+    def _decode_config(self, gen_kwargs: dict) -> DecodeConfig:
+        cfg = dataclasses.replace(self.decode_base)
+        if not self._gen_length_given and gen_kwargs.get("max_gen_toks"):
+            cfg.gen_length = int(gen_kwargs["max_gen_toks"])
+        return cfg
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        from difflm.decoding import generate, item_seed
+        from difflm.generation import decode_output
+
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        prepared = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            cfg = self._decode_config(gen_kwargs)
+            ids = self._encode(context)
+            if self._max_length:
+                keep = max(1, self._max_length - cfg.gen_length)
+                ids = ids[-keep:]
+            if not ids:
+                ids = [self.model.ids.bos_id if self.model.ids.bos_id is not None else self.model.ids.eos_id]
+            prepared.append((context, gen_kwargs, until, ids))
+            groups.setdefault(tuple(sorted(dataclasses.asdict(cfg).items())), []).append(i)
+        pad = self.model.ids.pad_id if self.model.ids.pad_id is not None else self.model.ids.eos_id
+        for key, idxs in groups.items():
+            cfg = DecodeConfig(**dict(key))
+            idxs = sorted(idxs, key=lambda j: (len(prepared[j][3]), j))
+            for start in range(0, len(idxs), self.batch_size):
+                batch = idxs[start : start + self.batch_size]
+                plen = max(len(prepared[j][3]) for j in batch)
+                x = torch.tensor([[pad] * (plen - len(prepared[j][3])) + prepared[j][3] for j in batch])
+                am = torch.tensor([[0] * (plen - len(prepared[j][3])) + [1] * len(prepared[j][3]) for j in batch])
+                seeds = [item_seed(cfg.seed, prepared[j][0]) for j in batch]
+                out = generate(self.model, x.to(self.model.device), cfg, attention_mask=am.to(self.model.device),
+                               row_seeds=seeds)
+                for row, j in enumerate(batch):
+                    text, _ = decode_output(self.model, out.sequences[row, out.prompt_length :].tolist())
+                    for stop in prepared[j][2]:
+                        if stop and stop in text:
+                            text = text[: text.index(stop)]
+                    results[j] = text
+                    self.cache_hook.add_partial("generate_until", (prepared[j][0], prepared[j][1]), text)
+        return [r if r is not None else "" for r in results]
+
+    # -- loglikelihood -----------------------------------------------------------------------------
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's convention: trailing spaces of the context move to the continuation; the
+        continuation's tokens are those of context+continuation after the context's tokens."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else self._encode(continuation)
+        return ctx, cont
+
+    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        if not ctx and self.model.ids.bos_id is not None:
+            ctx = [self.model.ids.bos_id]
+        if self._max_length and len(ctx) + len(cont) > self._max_length:
+            cont = cont[-self._max_length :]
+            ctx = ctx[-max(0, self._max_length - len(cont)) :] if self._max_length > len(cont) else []
+        return ctx, cont
+
+    def _score(self, ctx: list[int], cont: list[int], key: tuple[str, ...]) -> tuple[float, bool]:
+        from difflm.eval.likelihood import mc_loglikelihood
+
+        ctx, cont = self._fit(ctx, cont)
+        return mc_loglikelihood(
+            self.model, ctx, cont, mc_num=self.mc_num, batch_size=self.mc_batch_size,
+            generator=self._seed(*key), check_greedy=self.check_greedy,
+        )
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            context, continuation = req.args
+            ctx, cont = self._encode_pair(context, continuation)
+            ll, greedy = self._score(ctx, cont, (context, continuation))
+            out.append((ll, greedy))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        out = []
+        window = max(1, (self._max_length or 1024) - 1)
+        for req in requests:
+            (text,) = req.args[:1]
+            ids = self._encode(text)
+            total = 0.0
+            for start in range(0, len(ids), window):
+                chunk = ids[start : start + window]
+                ctx = ids[max(0, start - (window - len(chunk))) : start]
+                ll, _ = self._score(ctx, chunk, (text, str(start)))
+                total += ll
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return out
+
+
+def register() -> None:
+    """Register the name ``difflm`` with lm-eval's model registry (idempotent; runs on import).
+
+    A lazy "module:Class" placeholder, so that ``python -m difflm.eval.lm_eval_model`` (where this file
+    runs as ``__main__``) and a normal import resolve to the same class."""
+    if "difflm" not in model_registry:
+        model_registry.register("difflm", target="difflm.eval.lm_eval_model:DifflmLM")
+
+
+register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`lm_eval` with the difflm model registered (same arguments as the ``lm_eval`` command)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

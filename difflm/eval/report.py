@@ -1,0 +1,372 @@
+"""`difflm eval report`: runs side by side, as a table, a Markdown file and PNG plots.
+
+    from difflm.eval.report import build_report
+    rep = build_report(["runs/gsm8k-conv.json", "runs/gsm8k-llada.json"], out_dir="runs/report")
+    rep["rows"][0]["accuracy"], rep["files"]
+
+Each RUN is a `difflm generate` output (OUT.json, with OUT.json.manifest.json beside it) or a folder
+searched for them. Per run the report collects:
+
+- settings from the manifest (model, adapter, method, steps, gen_length, kernel, top-k, device);
+- GSM8K accuracy and standard error from OUT.json.gsm8k.json (`difflm eval gsm8k`), or scored on the
+  fly when the records carry gold ``answer`` fields (`difflm generate --eval-set gsm8k` keeps them);
+- AlpacaEval win rate / LC win rate from OUT.json.alpaca.json (`difflm eval alpaca`; never computed
+  here: the judge costs money);
+- fluency (rep-2, rep-4, distinct-2, empty share, repetition by position) from OUT.json.fluency.json
+  (`difflm eval fluency`), or computed on the fly with whitespace tokens;
+- speed from the manifest: content tokens per forward pass (content = generated tokens before the first
+  EOS/EOT, no prompt or padding) and content tokens per second, with the device named.
+
+Every number carries its source: the row's ``manifest`` path and ``sources`` (metric -> file, or
+"computed from OUT.json"), repeated in the Markdown file's Sources section.
+
+Files written to `out_dir` (atomically): report.md, report.json, and the plots
+score_vs_steps.png (GSM8K accuracy and/or AlpacaEval win rate vs steps, one line per method; runs
+without scores are left out), repetition_vs_position.png (the rep-n curve of each run) and
+tokens_per_nfe.png (content tokens per NFE of each run, AR decoding = 1).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from difflm.errors import ConfigError
+
+__all__ = ["COLUMNS", "TERMINAL_COLUMNS", "build_report", "render_markdown", "summarize_run"]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def summarize_run(run) -> dict[str, Any]:
+    """One report row for a loaded `difflm.eval.runs.Run` (see the module doc)."""
+    from difflm.eval.fluency import fluency_metrics
+    from difflm.eval.gsm8k import score_records
+
+    out_file = str(run.output_path)
+    s = run.settings()
+    m = run.manifest or {}
+    row: dict[str, Any] = {
+        "label": run.label,
+        "outputs": out_file,
+        "manifest": str(run.manifest_path) if run.manifest_path else None,
+        **s,
+        "effective_kernel": _effective_kernel(m.get("decode") or {}),
+        "items": len(run.records),
+        "sources": {},
+    }
+    # GSM8K
+    g = run.results.get("gsm8k")
+    if g is not None:
+        row.update(accuracy=g.get("accuracy"), accuracy_stderr=g.get("stderr"), accuracy_n=g.get("n"))
+        row["sources"]["accuracy"] = str(run.results_paths["gsm8k"])
+    elif run.records and all("answer" in r for r in run.records):
+        sc = score_records(run.records)
+        row.update(accuracy=sc["accuracy"], accuracy_stderr=sc["stderr"], accuracy_n=sc["n"])
+        row["sources"]["accuracy"] = f"computed from {out_file} (answer fields)"
+    else:
+        row.update(accuracy=None, accuracy_stderr=None, accuracy_n=None)
+    # AlpacaEval
+    a = run.results.get("alpaca") or {}
+    row.update(
+        win_rate=a.get("win_rate"),
+        win_rate_stderr=a.get("standard_error"),
+        lc_win_rate=a.get("length_controlled_winrate"),
+        lc_win_rate_stderr=a.get("lc_standard_error"),
+    )
+    if a:
+        row["sources"]["win_rate"] = str(run.results_paths["alpaca"])
+    # fluency
+    f = run.results.get("fluency")
+    if f is not None:
+        agg, curve = f.get("aggregate", {}), f.get("position_curve", [])
+        fs = (f.get("settings") or {}).get("fluency") or {}
+        row["sources"]["fluency"] = str(run.results_paths["fluency"])
+        row["fluency_tokens"] = fs.get("tokens")
+        row["position_n"] = fs.get("position_n")
+    else:
+        fm = fluency_metrics([r["output"] for r in run.records],
+                             content_tokens=[r.get("content_tokens") for r in run.records])
+        agg, curve = fm["aggregate"], fm["position_curve"]
+        row["sources"]["fluency"] = f"computed from {out_file} (whitespace tokens)"
+        row["fluency_tokens"] = "whitespace"
+        row["position_n"] = fm["settings"]["position_n"]
+    row.update(
+        rep_2=agg.get("rep_2"),
+        rep_4=agg.get("rep_4"),
+        distinct_2=agg.get("distinct_2"),
+        empty_share=agg.get("empty_share"),
+        frequent_share=agg.get("frequent_share"),
+        position_curve=curve,
+    )
+    # speed (manifest)
+    row.update(
+        content_tokens=m.get("content_tokens"),
+        content_tokens_per_nfe=m.get("content_tokens_per_nfe"),
+        tokens_per_second=m.get("tokens_per_second"),
+        nfe_per_item=m.get("nfe_per_item_mean"),
+    )
+    if run.manifest_path:
+        row["sources"]["speed"] = str(run.manifest_path)
+    for task, path in run.stale.items():
+        row["sources"][f"{task} (ignored)"] = f"{path} scored another version of {out_file}; rerun difflm eval {task}"
+    return row
+
+
+def _effective_kernel(decode: dict) -> int | None:
+    """The conv window K the run used (DecodeConfig's rule: even K + 1, defaults), None for other methods."""
+    import dataclasses
+
+    from difflm.decoding.config import CONV_METHODS, DecodeConfig
+
+    if decode.get("method") not in CONV_METHODS:
+        return None
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    try:
+        return DecodeConfig(**{k: v for k, v in decode.items() if k in known}).effective_kernel_size()
+    except (TypeError, ValueError):
+        return decode.get("kernel_size")
+
+
+def _unique_labels(rows: list[dict]) -> None:
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen[r["label"]] = seen.get(r["label"], 0) + 1
+    for r in rows:
+        if seen[r["label"]] > 1:
+            r["label"] = Path(r["outputs"]).stem
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+        if counts[r["label"]] > 1:
+            r["label"] = f"{r['label']}#{counts[r['label']]}"
+
+
+def _fmt(v: Any, digits: int = 3, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pm(v: Any, se: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    scale = 100.0 if pct else 1.0
+    s = f"{scale * v:.1f}"
+    return s if se is None else f"{s} ± {scale * se:.1f}"
+
+
+#: (header, function row -> text) for the Markdown and terminal tables
+COLUMNS = [
+    ("run", lambda r: r["label"]),
+    ("model", lambda r: _short(r.get("model")) + (f" + {_short(r['adapter'])}" if r.get("adapter") else "")),
+    ("method", lambda r: _fmt(r.get("method"))),
+    ("steps", lambda r: _fmt(r.get("steps"))),
+    ("L", lambda r: _fmt(r.get("gen_length"))),
+    ("K", lambda r: _fmt(r.get("effective_kernel"))),
+    ("top-k", lambda r: _fmt(r.get("top_k"))),
+    ("items", lambda r: _fmt(r.get("items"))),
+    ("GSM8K acc %", lambda r: _pm(r.get("accuracy"), r.get("accuracy_stderr"), pct=True)),
+    ("win rate %", lambda r: _pm(r.get("win_rate"), r.get("win_rate_stderr"))),
+    ("LC win %", lambda r: _pm(r.get("lc_win_rate"), r.get("lc_win_rate_stderr"))),
+    ("rep-2", lambda r: _fmt(r.get("rep_2"))),
+    ("rep-4", lambda r: _fmt(r.get("rep_4"))),
+    ("distinct-2", lambda r: _fmt(r.get("distinct_2"))),
+    ("empty %", lambda r: _fmt(r.get("empty_share"), pct=True)),
+    ("tok/NFE", lambda r: _fmt(r.get("content_tokens_per_nfe"), 2)),
+    ("tok/s", lambda r: _fmt(r.get("tokens_per_second"), 1)),
+    ("device", lambda r: _fmt(r.get("device"))),
+]
+
+
+#: the columns of the terminal table (the Markdown file has all of COLUMNS)
+TERMINAL_COLUMNS = ("run", "method", "steps", "L", "K", "GSM8K acc %", "win rate %", "LC win %", "rep-2", "rep-4",
+                    "empty %", "tok/NFE", "tok/s")
+
+
+def _short(name: Any) -> str:
+    if not name:
+        return "-"
+    return Path(str(name)).name or str(name)
+
+
+def render_markdown(rows: list[dict], plots: list[str] | None = None, title: str = "difflm eval report") -> str:
+    """The report as Markdown: the table, the plots, and a Sources section tracing every number."""
+    head = [c[0] for c in COLUMNS]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(fn(r)).replace("|", "\\|") for _, fn in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "GSM8K accuracy: share of items whose last number equals the gold answer, ± sqrt(p(1-p)/n). "
+        "Win rates: alpaca_eval, in %, ± standard error. rep-n: repeated n-gram rate; distinct-2: distinct "
+        "bigrams / bigrams over the run. tok/NFE: content tokens (before the first EOS/EOT, no prompt or "
+        "padding) per model forward pass; tok/s: content tokens per second of decoding on the device named.",
+        "",
+    ]
+    for p in plots or []:
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    lines += ["## Sources", ""]
+    for r in rows:
+        lines.append(f"- **{r['label']}**: outputs `{r['outputs']}`, manifest `{r.get('manifest') or 'none'}`")
+        for metric, src in sorted(r["sources"].items()):
+            lines.append(f"  - {metric}: `{src}`")
+    return "\n".join(lines) + "\n"
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _group_key(r: dict, multi_model: bool) -> str:
+    key = str(r.get("method") or "?")
+    if multi_model:
+        key += f" ({_short(r.get('model'))}{' + ' + _short(r['adapter']) if r.get('adapter') else ''})"
+    return key
+
+
+def plot_score_vs_steps(rows: list[dict], path: Path) -> bool:
+    """Accuracy and/or win rate vs steps, one line per method; False when no run has a score."""
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if any(r.get("accuracy") is not None and r.get("steps") for r in rows):
+        panels.append(("GSM8K accuracy (%)", lambda r: r.get("accuracy"), lambda r: r.get("accuracy_stderr"), 100.0))
+    if any((r.get("lc_win_rate") is not None or r.get("win_rate") is not None) and r.get("steps") for r in rows):
+        def wr(r):
+            return r.get("lc_win_rate") if r.get("lc_win_rate") is not None else r.get("win_rate")
+
+        def wr_se(r):
+            return r.get("lc_win_rate_stderr") if r.get("lc_win_rate") is not None else r.get("win_rate_stderr")
+
+        panels.append(("AlpacaEval win rate (%, LC when available)", wr, wr_se, 1.0))
+    if not panels:
+        return False
+    multi = len({(r.get("model"), r.get("adapter")) for r in rows}) > 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (title, val, se, scale) in zip(axes[0], panels):
+        groups: dict[str, list[tuple[int, float, float]]] = {}
+        for r in rows:
+            if val(r) is None or not r.get("steps"):
+                continue
+            groups.setdefault(_group_key(r, multi), []).append((int(r["steps"]), scale * val(r), scale * (se(r) or 0.0)))
+        for name, pts in sorted(groups.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=name)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in groups.values() for p in pts})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("denoising steps")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        ax.legend(title="method")
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_repetition_vs_position(rows: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    curves = [(r["label"], [b for b in r.get("position_curve") or [] if b.get("rate") is not None]) for r in rows]
+    curves = [(lab, c) for lab, c in curves if c]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, c in curves:
+        ax.plot([(b["start"] + b["end"]) / 2 for b in c], [b["rate"] for b in c], marker=".", label=label)
+    ax.set_xlabel("position after the prompt (bin centre, tokens)")
+    ns = sorted({str(r.get("position_n")) for r in rows if r.get("position_n")})
+    ax.set_ylabel(f"repeated {'/'.join(ns) or 'n'}-gram rate")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_tokens_per_nfe(rows: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    pts = [(r["label"], r["content_tokens_per_nfe"], r.get("tokens_per_second"), r.get("device"))
+           for r in rows if r.get("content_tokens_per_nfe") is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(pts) + 2), 4))
+    bars = ax.bar(range(len(pts)), [p[1] for p in pts], color="tab:blue")
+    for bar, (_, v, tps, _) in zip(bars, pts):
+        txt = f"{v:.2f}" + (f"\n{tps:.0f} tok/s" if tps else "")
+        ax.annotate(txt, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="AR decoding (1 token per pass)")
+    ax.set_xticks(range(len(pts)), [p[0] for p in pts], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("content tokens per forward pass")
+    devices = sorted({str(p[3]) for p in pts if p[3]})
+    if devices:
+        ax.set_title("device: " + "; ".join(devices), fontsize=8)
+    ax.legend(fontsize="small")
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def build_report(
+    runs: list[str | Path], out_dir: str | Path = "runs/report", title: str = "difflm eval report"
+) -> dict[str, Any]:
+    """Collect the runs (files or folders), write report.md, report.json and the PNG plots to `out_dir`.
+
+    Returns {"rows": [...], "files": {name: path}}. Raises ConfigError when no run is found.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only, never a window
+    from difflm.eval.runs import find_runs, load_run
+    from difflm.io import atomic_write_json, atomic_write_text
+
+    if not runs:
+        raise ConfigError("give at least one run: an outputs JSON of difflm generate or a folder of them", key="runs")
+    rows = [summarize_run(load_run(p)) for p in find_runs(list(runs))]
+    _unique_labels(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    plots = []
+    for name, fn in (
+        ("score_vs_steps.png", plot_score_vs_steps),
+        ("repetition_vs_position.png", plot_repetition_vs_position),
+        ("tokens_per_nfe.png", plot_tokens_per_nfe),
+    ):
+        if fn(rows, out / name):
+            files[name] = str(out / name)
+            plots.append(str(out / name))
+    atomic_write_text(out / "report.md", render_markdown(rows, plots, title))
+    files["report.md"] = str(out / "report.md")
+    atomic_write_json(out / "report.json", {"title": title, "rows": rows})
+    files["report.json"] = str(out / "report.json")
+    return {"rows": rows, "files": files}

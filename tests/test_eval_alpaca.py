@@ -1,0 +1,139 @@
+"""AlpacaEval: alpaca_eval's own loader accepts `difflm generate` files; judge keys; the full path with a fake judge."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from difflm.config import load_recipe
+from difflm.errors import ConfigError
+from difflm.generation import GenerateRecipe, run_generate
+
+pytest.importorskip("alpaca_eval", reason="the eval extra (alpaca-eval) is not installed")
+
+FIX = Path(__file__).parent / "fixtures"
+REFERENCE = FIX / "alpaca_eval.json"
+runner = CliRunner()
+KEY_VARS = ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH")
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_llada_dir, tmp_path_factory) -> Path:
+    """`difflm generate --eval-set alpaca_eval` on the tiny model (5 fixture instructions)."""
+    out = tmp_path_factory.mktemp("alpaca") / "tiny-conv.json"
+    recipe = load_recipe(GenerateRecipe, None, [], {
+        "model.name": str(tiny_llada_dir), "output": str(out), "batch_size": 5,
+        "data.eval_set": "alpaca_eval", "data.data_path": str(REFERENCE),
+        "decode.gen_length": 16, "decode.steps": 4, "decode.top_k": 5,
+    })
+    run_generate(recipe)
+    return out
+
+
+def test_alpaca_eval_loader_accepts_generate_outputs(generated):
+    from alpaca_eval import utils
+
+    from difflm.eval.alpaca import load_outputs
+
+    df = utils.load_or_convert_to_dataframe(generated)  # alpaca_eval's own loading code
+    assert len(df) == 5
+    assert {"instruction", "output", "generator", "dataset"} <= set(df.columns)
+    assert utils.get_generator_name(None, df) == f"{Path(df.generator[0]).name}"  # one generator: the leaderboard name
+    assert df.generator[0].endswith("-conv")
+    ref = utils.load_or_convert_to_dataframe(REFERENCE)
+    assert set(df["instruction"]) == set(ref["instruction"])  # pairs with the reference by instruction
+    assert list(df["dataset"]) == list(ref["dataset"])
+    assert load_outputs(generated)["output"].map(type).eq(str).all()
+
+
+def test_missing_judge_key_is_one_line_exit_2(generated, monkeypatch):
+    for v in KEY_VARS:
+        monkeypatch.delenv(v, raising=False)
+    res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(generated), "--reference", str(REFERENCE)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OPENAI_API_KEY" in lines[0] and "Traceback" not in res.output
+    assert not Path(str(generated) + ".alpaca_eval").exists()  # checked before anything was written
+
+
+def test_check_judge_key_per_backend(tmp_path):
+    from difflm.eval.alpaca import annotator_backends, check_judge_key
+
+    assert annotator_backends("weighted_alpaca_eval_gpt4_turbo") == {"openai_completions"}
+    check_judge_key("weighted_alpaca_eval_gpt4_turbo", {"OPENAI_API_KEY": "sk-x"})
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+        check_judge_key("claude", {"OPENAI_API_KEY": "sk-x"})
+    cfg = tmp_path / "client.yaml"
+    cfg.write_text("default: []\n")
+    check_judge_key("weighted_alpaca_eval_gpt4_turbo", {"OPENAI_CLIENT_CONFIG_PATH": str(cfg)})
+    with pytest.raises(ConfigError, match="unknown alpaca_eval annotator"):
+        check_judge_key("no_such_annotator", {})
+
+
+_OUTPUTS = re.compile(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', re.S)
+
+
+def _fake_openai_completions(prompts, model_name, **kwargs):
+    """A judge that prefers the longer output (answers 'm' for output_1, 'M' for output_2, with logprobs)."""
+    comps = []
+    for p in prompts:
+        outs = dict(_OUTPUTS.findall(p))
+        best = "m" if len(outs["m"]) > len(outs["M"]) else "M"
+        other = "M" if best == "m" else "m"
+        top = [{"token": best, "logprob": 0.0}, {"token": other, "logprob": -30.0}]
+        comps.append({"text": best, "total_tokens": 1, "logprobs": {"content": [{"token": best, "logprob": 0.0,
+                                                                                  "top_logprobs": top}]}})
+    n = len(prompts)
+    return {"completions": [c["text"] for c in comps], "completions_all": comps,
+            "price_per_example": [0.0] * n, "time_per_example": [0.0] * n}
+
+
+@pytest.fixture
+def fake_judge(monkeypatch):
+    import alpaca_eval.decoders.openai as openai_decoder
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    monkeypatch.setattr(openai_decoder, "openai_completions", _fake_openai_completions)
+
+
+def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
+    ref = json.loads(REFERENCE.read_text())
+    mine = [dict(r, id=f"alpaca_eval-{i}", generator="mine", output=r["output"] + (" and more" if i < 3 else "")[:99])
+            for i, r in enumerate(ref)]
+    for r in mine[3:]:
+        r["output"] = "short"
+    out = tmp_path / "mine.json"
+    out.write_text(json.dumps(mine))
+    res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(out), "--reference", str(REFERENCE)],
+                        terminal_width=200)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
+    assert summary["n_total"] == 5 and summary["n_wins"] == 3 and summary["n_draws"] == 0
+    assert summary["win_rate"] == pytest.approx(60.0, abs=1e-6)  # 3 longer outputs of 5
+    assert summary["standard_error"] > 0
+    assert summary["length_controlled_winrate"] is None and "805" in summary["lc_note"]
+    assert summary["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
+    assert "win rate 60.00" in res.stdout
+    assert (tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").is_file()
+
+
+def test_eval_alpaca_accepts_generate_outputs_end_to_end(generated, tmp_path, fake_judge):
+    from difflm.eval.alpaca import evaluate_files
+
+    res = evaluate_files(generated, REFERENCE, output_dir=tmp_path / "ae", results=tmp_path / "s.json")
+    assert res["n_total"] == 5 and 0.0 <= res["win_rate"] <= 100.0
+    assert res["manifest"] == str(generated) + ".manifest.json"
+    assert res["settings"]["method"] == "conv" and res["settings"]["steps"] == 4
+    assert json.loads((tmp_path / "s.json").read_text())["generator"].endswith("-conv")
+
+
+def test_eval_alpaca_rejects_unrelated_files(tmp_path, fake_judge):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": "something else", "output": "x", "generator": "g"}]))
+    res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(other), "--reference", str(REFERENCE)])
+    assert res.exit_code == 2 and "share no instruction" in res.stderr

@@ -1,0 +1,127 @@
+"""lm-evaluation-harness: the `difflm` model runs a local task YAML (generate_until + loglikelihood) on a tiny model."""
+
+from __future__ import annotations
+
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+
+import lm_eval  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import difflm.eval.lm_eval_model as lm_eval_model  # noqa: E402  (registers "difflm")
+from difflm.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "tests" / "fixtures" / "eval" / "lm_eval"
+TINY_ARGS = {"steps": 4, "gen_length": 8, "mc_num": 4, "mc_batch_size": 4}
+
+
+@pytest.fixture
+def in_repo(monkeypatch, tmp_path):
+    """Task YAMLs name their data relative to the repo root; datasets' cache goes to tmp."""
+    import datasets
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llada_dir):
+    return lm_eval_model.DifflmLM(pretrained=str(tiny_llada_dir), batch_size=2, **TINY_ARGS)
+
+
+RUNPY_WARNING = "ignore:'difflm.eval.lm_eval_model' found in sys.modules:RuntimeWarning"
+
+
+@pytest.mark.filterwarnings(RUNPY_WARNING)
+def test_registered_under_difflm():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("difflm") is lm_eval_model.DifflmLM
+    # running the module as a script (python -m) registers nothing new and resolves to the same class
+    runpy.run_module("difflm.eval.lm_eval_model", run_name="not_main")
+    assert get_model("difflm") is lm_eval_model.DifflmLM
+
+
+def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo):
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    assert {"difflm_tiny_gen", "difflm_tiny_choice"} <= set(tm.all_tasks)
+    res = lm_eval.simple_evaluate(
+        model="difflm", model_args={"pretrained": str(tiny_llada_dir), **TINY_ARGS},
+        tasks=["difflm_tiny_gen", "difflm_tiny_choice"], task_manager=tm, limit=3, batch_size=2,
+        bootstrap_iters=0, log_samples=True,
+    )
+    assert res["results"]["difflm_tiny_gen"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert res["results"]["difflm_tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    gens = res["samples"]["difflm_tiny_gen"]
+    assert len(gens) == 3
+    for s in gens:
+        text = s["resps"][0][0]
+        assert isinstance(text, str) and "\n" not in text and "Question:" not in text  # cut at the stops
+    choices = res["samples"]["difflm_tiny_choice"]
+    assert len(choices) == 3
+    for s in choices:
+        for (ll, greedy), in s["resps"]:
+            assert math.isfinite(ll) and ll < 0 and isinstance(greedy, bool)
+
+
+def test_loglikelihood_is_seeded_per_request(lm):
+    reqs = [Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 3"), i) for i in range(2)]
+    a = lm.loglikelihood(reqs)
+    b = lm.loglikelihood(list(reversed(reqs)))
+    assert a[0] == a[1] == b[0]  # same request, same score, whatever the order
+    other = lm.loglikelihood([Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 4"), 0)])
+    assert other[0][0] != a[0][0]
+
+
+def test_generate_until_stops_and_batches(lm):
+    reqs = [Instance("generate_until", {}, (f"Question: What is {i} + 1?\nAnswer:", {"until": ["e"], "max_gen_toks": 8}), i)
+            for i in range(3)]
+    outs = lm.generate_until(reqs)
+    assert len(outs) == 3 and all(isinstance(o, str) and "e" not in o for o in outs)
+    again = lm.generate_until(list(reversed(reqs)))
+    assert list(reversed(again)) == outs  # seeded from the context: independent of order and batch
+
+
+def test_loglikelihood_rolling_and_chat_template(lm):
+    (score,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("The quick brown fox.",), 0)])
+    assert math.isfinite(score) and score < 0
+    text = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") and lm.tokenizer_name
+
+
+def test_model_args_are_checked(tiny_llada_dir):
+    with pytest.raises(ConfigError, match="unknown difflm model_args: bogus"):
+        lm_eval_model.DifflmLM(pretrained=str(tiny_llada_dir), bogus=1)
+    with pytest.raises(ConfigError, match="model_args.method: must be one of"):
+        lm_eval_model.DifflmLM(pretrained=str(tiny_llada_dir), decode="nope")
+    with pytest.raises(ConfigError, match="pretrained"):
+        lm_eval_model.DifflmLM()
+
+
+@pytest.mark.filterwarnings(RUNPY_WARNING)
+def test_module_cli_runs_lm_eval(tiny_llada_dir, in_repo, monkeypatch, tmp_path, capsys):
+    """`python -m difflm.eval.lm_eval_model --model difflm ...`, in process (built-in task index skipped)."""
+    real_init = TaskManager.__init__
+
+    def no_builtin_tasks(self, *args, **kwargs):
+        kwargs["include_defaults"] = False  # lm_eval's CLI always indexes its ~10k built-in tasks (8 s)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskManager, "__init__", no_builtin_tasks)
+    args = ["--model", "difflm", "--model_args", f"pretrained={tiny_llada_dir},steps=4,gen_length=8,mc_num=2",
+            "--include_path", str(TASKS), "--tasks", "difflm_tiny_gen,difflm_tiny_choice", "--limit", "2",
+            "--device", "cpu", "--output_path", str(tmp_path / "lm_eval_out")]
+    monkeypatch.setattr(sys, "argv", ["lm_eval_model", *args])
+    runpy.run_module("difflm.eval.lm_eval_model", run_name="__main__")
+    out = capsys.readouterr().out
+    assert "difflm_tiny_gen" in out and "difflm_tiny_choice" in out and "exact_match" in out
+    assert list((tmp_path / "lm_eval_out").rglob("results_*.json"))
