@@ -94,3 +94,16 @@ def test_partial_results_corrupt_middle_line(tmp_path):
     with pytest.raises(ConfigError, match="corrupt record"):
         PartialResults(path).load()
     assert path.read_text() == '{"id": "a"}\n{"id": \n{"id": "c"}\n'  # left for the user to inspect
+
+
+def test_atomic_write_uses_the_umask_permissions(tmp_path):
+    import stat
+
+    from difflm.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
