@@ -159,10 +159,22 @@ def propose(
     if remasking == "random":
         conf = _rand(gens, (logits.shape[1],), logits.device)
     else:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        conf = logp.gather(-1, x0[..., None]).squeeze(-1).double().exp()
+        conf = softmax_at(logits, x0, region)
     conf = torch.where(region, conf, torch.full_like(conf, float("-inf")))
     return x0, conf
+
+
+def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """float64 softmax probability of `tokens` [B, L] at the `region` positions (0 elsewhere), as LLaDA
+    computes it: float32 cannot separate confidences that differ by ~1e-7, and in bf16 models such
+    near-ties decide which token is committed. Only region rows are upcast, in chunks."""
+    conf = torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)
+    rows, cols = region.nonzero(as_tuple=True)
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        z = logits[r, c].double()
+        conf[r, c] = (z.gather(-1, tokens[r, c][:, None]).squeeze(-1) - torch.logsumexp(z, -1)).exp()
+    return conf
 
 
 def commit_top(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,228 @@
+"""bench/: the reference loops agree with difflm where they must, and bench.py runs end to end.
+
+- greedy LLaDA (temperature 0, low_confidence): LLaDA's published loop and difflm `llada` commit the same
+  tokens on the same model and prompts (batch 1, batch 2, left padding);
+- conv: the reference step's [V + 1] distribution equals difflm's step formulas exactly, and both samplers'
+  first steps reproduce it (4000 independent rows each);
+- bench.py writes a complete JSON for the tiny preset (subprocess), and the llada-8b code path runs on CPU
+  with --scale-down (capped steps, matmul rate, GSM8K estimate, time budget).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from difflm.decoding import DecodeConfig, generate
+from difflm.decoding import steps as S
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "bench"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load("difflm_bench_main", BENCH_DIR / "bench.py")
+ref = bench.ref  # the reference module bench.py times against
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    p = bench.PRESETS["tiny"]
+    model = bench.build_model(p, torch.device("cpu"), torch.float32, seed=0)
+    ids = dict(mask_id=p.vocab - 1, eos_id=p.vocab - 2)
+    return bench.TimedModel(model, ids["mask_id"], torch.device("cpu")), ids, p
+
+
+@pytest.mark.parametrize(
+    "batch,steps,block,pad",
+    [(1, 64, 32, False), (2, 16, 32, False), (2, 8, 64, False), (2, 32, 32, True)],
+)
+def test_greedy_llada_reference_equals_difflm(tiny, batch, steps, block, pad):
+    model, ids, p = tiny
+    g = torch.Generator().manual_seed(batch * 100 + steps)
+    prompt = torch.randint(0, p.vocab - 2, (batch, 16), generator=g)
+    am = None
+    if pad:  # row 0 left-padded by 5 (pad = eos), as a batched prompt list would be
+        am = torch.ones_like(prompt)
+        am[0, :5] = 0
+        prompt[0, :5] = ids["eos_id"]
+    x_ref, nfe_ref = ref.llada_generate(
+        model, prompt, steps=steps, gen_length=64, block_length=block, mask_id=ids["mask_id"], attention_mask=am
+    )
+    cfg = DecodeConfig(method="llada", gen_length=64, steps=steps, block_length=block, temperature=0.0)
+    out = generate(model, prompt, cfg, mask_id=ids["mask_id"], eos_id=ids["eos_id"], attention_mask=am)
+    assert nfe_ref == out.nfe == steps
+    assert not (x_ref == ids["mask_id"]).any()
+    assert torch.equal(out.sequences, x_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# conv: one step from fixed logits
+V, MASK, EOS, P, L = 7, 6, 5, 3, 10
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits at absolute position i are table[i], whatever the input."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x, attention_mask=None):
+        return self.table[None, : x.shape[1]].expand(x.shape[0], -1, -1).clone()
+
+
+def _table(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(P + L, V, generator=g, dtype=torch.float64) * 1.5
+    t[:, MASK] = float("-inf")
+    return t
+
+
+def _difflm_step_probs(logits, x, t, s, k, top_k):
+    """difflm's step distribution [B, L, V + 1] (last column MASK) from its own step functions."""
+    region = x[:, P:] == MASK
+    logp, idx = S.candidates(logits, top_k, 1.0)
+    p = logp.double().exp()
+    if idx is not None:
+        p = torch.zeros(logits.shape, dtype=torch.float64).scatter_(-1, idx, p)
+    q = p.sum(-1)
+    s_conv = S.conv_scale(S.conv_counts(x != MASK, k)[:, P:], 1.0)
+    pu = S.unmask_probability(t - s, s, S.position_scale(q, region, s_conv), q)
+    out = torch.cat([pu[..., None] * p / q[..., None], (1 - pu)[..., None]], -1)
+    return out, region
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_conv_reference_weights_equal_difflm_step(top_k):
+    table = _table()
+    x = torch.full((2, P + L), MASK)
+    x[:, :P] = torch.tensor([1, 2, 3])
+    x[1, P + 4] = 0  # a decoded token in row 1 moves the window counts
+    x[1, P + 8] = 2
+    logits = table[None, P:].expand(2, -1, -1).clone()
+    t, s = 0.75, 0.5
+    w = ref.conv_weights(logits, x, P, t, s, kernel_size=4, mask_id=MASK, top_k=top_k)  # K 4 -> 5
+    ref_probs = w / w.sum(-1, keepdim=True)
+    ours, region = _difflm_step_probs(logits.float(), x, t, s, 5, top_k)
+    assert torch.allclose(ref_probs[region], ours[region], atol=1e-6, rtol=0)
+    # s_i = 0 (no known token within 2 positions) cannot unmask
+    assert (ref_probs[0, 5:, -1] == 1).all()
+
+
+def _freqs(gen: torch.Tensor) -> np.ndarray:
+    """[L, V + 1] outcome frequencies (MASK in the last column)."""
+    out = np.zeros((gen.shape[1], V + 1))
+    g = gen.numpy()
+    for i in range(gen.shape[1]):
+        for v in range(V):
+            out[i, V if v == MASK else v] = (g[:, i] == v).mean()
+    return out
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_conv_first_step_samplers_match_reference_distribution(top_k):
+    n, steps, k = 4000, 4, 9
+    table = _table(1)
+    model = FixedLogits(table)
+    prompt = torch.tensor([1, 2, 3])[None].repeat(n, 1)
+    t, s = 1.0, 1.0 - (1.0 - 1e-5) / steps
+    x0 = torch.cat([prompt[:1], torch.full((1, L), MASK)], 1)
+    w = ref.conv_weights(table[None, P:], x0, P, t, s, kernel_size=k, mask_id=MASK, top_k=top_k)
+    want = (w / w.sum(-1, keepdim=True))[0].numpy()  # column MASK has weight 0; column V is "stay masked"
+
+    x_ref, nfe = ref.conv_generate(
+        model, prompt, steps=steps, gen_length=L, kernel_size=k, mask_id=MASK, top_k=top_k,
+        generator=torch.Generator().manual_seed(0), max_steps=1,
+    )
+    assert nfe == 1
+    got = {}
+
+    class FirstStep(Exception):
+        pass
+
+    def first(ev):
+        got["x"] = ev["x"][:, P:].clone()
+        raise FirstStep
+
+    cfg = DecodeConfig(method="conv", gen_length=L, steps=steps, kernel_size=k, top_k=top_k, seed=3)
+    with pytest.raises(FirstStep):
+        generate(model, prompt, cfg, mask_id=MASK, eos_id=EOS, callback=first)
+    for name, x in (("reference", x_ref[:, P:]), ("difflm", got["x"])):
+        emp = _freqs(x)
+        assert np.abs(emp - want).max() < 0.035, (name, np.abs(emp - want).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# bench.py end to end
+DECODER_KEYS = {
+    "impl", "method", "nfe", "steps_timed", "extrapolated", "forward_s_per_step", "sampler_s_per_step",
+    "total_s_per_step", "sampler_share", "seconds", "content_tokens", "content_tokens_per_nfe", "content_tokens_per_s",
+}
+
+
+def test_bench_tiny_cli_writes_json(tmp_path):
+    cmd = [sys.executable, str(BENCH_DIR / "bench.py"), "--preset", "tiny", "--gen-length", "32", "--steps", "8",
+           "--repeats", "1", "--name", "t", "--out-dir", str(tmp_path), "--plain"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "IDENTICAL" in r.stdout and "MISMATCH" not in r.stdout
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["t.json"], files  # no temporary file left behind
+    rec = json.loads((tmp_path / "t.json").read_text())
+    assert rec["machine"]["cpu_model"] and rec["machine"]["cpu_cores"]
+    assert rec["versions"]["torch"] == torch.__version__ and rec["versions"]["transformers"]
+    assert rec["settings"]["gen_length"] == [32] and rec["settings"]["steps"] == 8
+    (cell,) = rec["runs"]
+    assert set(cell["decoders"]) == set(bench.ALL_METHODS)
+    for name, d in cell["decoders"].items():
+        assert DECODER_KEYS <= set(d), (name, DECODER_KEYS - set(d))
+        assert d["nfe"] > 0 and d["forward_s_per_step"] > 0 and d["sampler_s_per_step"] >= 0
+        assert not d["extrapolated"]
+    assert cell["decoders"]["conv"]["nfe"] <= 8 and cell["decoders"]["llada"]["nfe"] == 32
+    assert {c["difflm"] for c in cell["comparisons"]} == {"llada", "llada-fast", "conv"}
+    assert all(e["identical"] and e["complete"] for e in cell["equivalence"]) and len(cell["equivalence"]) == 2
+
+
+def test_bench_llada_8b_code_path_scaled_down(tmp_path, capsys):
+    base = ["--preset", "llada-8b", "--scale-down", "--device", "cpu", "--gen-length", "256", "--batch", "1", "2",
+            "--prompt-length", "16", "--max-steps", "3", "--out-dir", str(tmp_path), "--plain"]
+    argv = base + ["--matmul", "--matmul-size", "64", "--gsm8k", "--name", "g"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "extrapolated from 3 steps" in out and "compute floor" in out
+    rec = json.loads((tmp_path / "g.json").read_text())
+    assert rec["model"]["dtype"] == "bfloat16" and rec["model"]["scale_down"]
+    assert [(c["gen_length"], c["batch"]) for c in rec["runs"]] == [(256, 1), (256, 2)]
+    for cell in rec["runs"]:
+        assert list(cell["decoders"]) == list(bench.GPU_METHODS)
+        d = cell["decoders"]["llada"]
+        assert d["extrapolated"] and d["steps_timed"] == 3 and d["nfe"] == 256
+        assert cell["decoders"]["conv"]["nfe"] == 64
+        (eq,) = cell["equivalence"]
+        assert eq["steps_compared"] == 3 and not eq["complete"] and eq["identical"]
+    g = rec["gsm8k"]
+    assert g["measured_batch"] == 2 and g["batches"] == 660 and g["floor_s"] > 0 and g["extrapolated_s"] > 0
+    assert bench.main(["--summary", str(tmp_path / "g.json")]) == 0  # gpu.sh's compact table
+    summary = capsys.readouterr().out
+    assert "ref-conv" in summary and "GSM8K-shaped compute floor" in summary
+
+    # a spent time budget skips every decoder; the 8B preset refuses the CPU without --scale-down
+    assert bench.main(base + ["--budget-s", "0.001", "--name", "b"]) == 0
+    rec = json.loads((tmp_path / "b.json").read_text())
+    assert all("skipped" in d for c in rec["runs"] for d in c["decoders"].values())
+    assert bench.main(["--preset", "llada-8b", "--device", "cpu"]) == 2
