@@ -32,6 +32,11 @@ demo: $(STAMP)
 	$(VENV)/bin/difflm generate --help >/dev/null
 	$(PY) -m difflm.demo
 
+# CPU decoder benchmark (a few minutes on 2 cores): tables on the terminal, JSON in bench/results/.
+bench: $(STAMP)
+	$(PY) bench/bench.py --preset tiny --name tiny-cpu
+	$(PY) bench/bench.py --preset synthetic-32k --gen-length 256 --name synthetic-32k-cpu
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 

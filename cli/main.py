@@ -13,6 +13,7 @@ import typer
 
 from cli import eval as _eval
 from cli import generate as _generate
+from cli import merge as _merge
 from cli import r2ft as _r2ft
 from cli import sft as _sft
 from cli import tokenize as _tokenize
@@ -52,6 +53,7 @@ _sft.register(app)
 _r2ft.register(app)
 _generate.register(app)
 _eval.register(app)
+_merge.register(app)
 
 
 def main() -> None:

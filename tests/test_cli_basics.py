@@ -17,8 +17,9 @@ from cli.main import app
 from difflm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-STUBS = [["tokenize"], ["sft"], ["r2ft"], ["eval", "gsm8k"], ["eval", "alpaca"], ["eval", "fluency"], ["eval", "report"]]
-COMMANDS = [*STUBS, ["generate"], ["eval"]]
+STUBS = [["tokenize"], ["sft"], ["r2ft"]]
+EVAL = [["eval", "gsm8k"], ["eval", "alpaca"], ["eval", "fluency"], ["eval", "report"]]
+COMMANDS = [*STUBS, *EVAL, ["generate"], ["eval"]]
 
 
 @pytest.fixture
