@@ -138,10 +138,3 @@ def print_config(cfg: Any, out: Console | None = None, title: str = "resolved co
     out = out or err_console()
     body = Syntax(dump_yaml(cfg).rstrip(), "yaml", theme="ansi_dark", background_color="default")
     out.print(Panel(body, title=title, title_align="left", expand=False))
-
-
-def not_built(command: str, issue: str | None = None) -> None:
-    """Stub body for a command that does not exist yet: one line on stderr, exit 2."""
-    where = f" (see {issue})" if issue else ""
-    typer.echo(f"difflm {command} is not built yet{where}", err=True)
-    raise typer.Exit(EXIT_BAD_INPUT)

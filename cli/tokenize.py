@@ -88,9 +88,8 @@ def _print_stats(result) -> None:
     for key in ("prompt_tokens", "response_tokens", "answer_tokens", "total_tokens", "document_tokens"):
         p = stats.get(key)
         if p:
-            lengths.add_row(
-                key.replace("_tokens", ""), *(f"{p[k]:.0f}" if k != "mean" else f"{p[k]:.1f}" for k in ("min", "p50", "p90", "p99", "max", "mean"))
-            )
+            cells = [f"{p[k]:.0f}" for k in ("min", "p50", "p90", "p99", "max")] + [f"{p['mean']:.1f}"]
+            lengths.add_row(key.replace("_tokens", ""), *cells)
     out.print(lengths)
     meta = result.meta
     err_console().print(

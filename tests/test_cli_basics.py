@@ -17,9 +17,8 @@ from cli.main import app
 from difflm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-STUBS = [["tokenize"], ["sft"], ["r2ft"]]
 EVAL = [["eval", "gsm8k"], ["eval", "alpaca"], ["eval", "fluency"], ["eval", "report"]]
-COMMANDS = [*STUBS, *EVAL, ["generate"], ["eval"]]
+COMMANDS = [["tokenize"], ["sft"], ["r2ft"], ["merge"], *EVAL, ["generate"], ["eval"]]
 
 
 @pytest.fixture
@@ -45,15 +44,6 @@ def test_every_command_has_help_with_an_example(runner, cmd):
     result = runner.invoke(app, [*cmd, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "Example: difflm " + " ".join(cmd) in result.output
-
-
-@pytest.mark.parametrize("cmd", STUBS, ids=" ".join)
-def test_stubs_exit_2_with_one_line(runner, cmd):
-    result = runner.invoke(app, [*cmd, "a.b=1", "--debug"])
-    assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines == [f"difflm {' '.join(cmd)} is not built yet"]
-    assert result.stdout == ""
 
 
 def test_usage_errors_exit_2(runner):

@@ -1,0 +1,72 @@
+"""`difflm merge`: fold a LoRA adapter into its base model and save a full checkpoint.
+
+LLaDA-family models are written in difflm's native format (a bidirectional Llama that
+`load_model` and plain transformers 5.x load); other families with `save_pretrained`. The
+tokenizer is saved alongside.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difflm.errors import ConfigError
+
+__all__ = ["MergeRecipe", "merge_adapter"]
+
+
+@dataclass
+class MergeRecipe:
+    adapter: str | None = field(default=None, metadata={"help": "the LoRA adapter folder"})
+    model: str | None = field(default=None, metadata={"help": "the base model (default: the adapter's base)"})
+    output: str | None = field(default=None, metadata={"help": "the folder to write"})
+    family: str = field(default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"]})
+    dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
+    device: str | None = field(default="cpu", metadata={"help": "where to merge (cpu needs RAM for the full model)"})
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.adapter:
+            raise ConfigError("no adapter given: pass --adapter DIR", key="adapter")
+        if not self.output:
+            raise ConfigError("no output folder given: pass --output DIR", key="output")
+
+
+def base_of_adapter(adapter: str | Path) -> str | None:
+    """The base model the adapter was trained on (its adapter_config.json), if recorded."""
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.is_file():
+        raise ConfigError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)", key="adapter")
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") or None
+
+
+def merge_adapter(recipe: MergeRecipe) -> Path:
+    """Load base + adapter, merge (W + B A * alpha / r), save to `recipe.output`; return the path."""
+    from difflm.models import load_model, save_native
+
+    base = recipe.model or base_of_adapter(recipe.adapter)
+    if not base:
+        raise ConfigError("the adapter does not name its base model: pass --model", key="model")
+    out = Path(recipe.output)
+    if out.exists() and any(out.iterdir()):
+        if not recipe.overwrite:
+            raise ConfigError(f"{out} exists; pass --overwrite to replace it", key="output")
+        shutil.rmtree(out)
+    m = load_model(
+        base, family=recipe.family, dtype=recipe.dtype, device=recipe.device, adapter=recipe.adapter,
+        trust_remote_code=recipe.trust_remote_code, tokenizer=recipe.tokenizer,
+    )
+    merged = m.module.merge_and_unload()
+    m.module = merged
+    if m.family == "llada":
+        save_native(m, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(str(out))
+        if m.tokenizer is not None:
+            m.tokenizer.save_pretrained(str(out))
+    return out

@@ -1,0 +1,154 @@
+"""`difflm tokenize | sft | r2ft | merge` end to end on the tiny model, bad recipes, the shipped recipes."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.main import app
+from difflm.config import load_recipe
+from difflm.training import TrainRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_RECIPES = ["alpaca", "r2ft-alpaca", "mdlm-alpaca", "ar-reference", "qlora-llada-24gb",
+                 "tiny-sft", "tiny-lora", "tiny-r2ft", "tiny-pretrain"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def ok(result):
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+@pytest.mark.parametrize("cmd", ["tokenize", "sft", "r2ft", "merge"])
+def test_help_has_an_example(runner, cmd):
+    result = ok(runner.invoke(app, [cmd, "--help"], terminal_width=200))
+    assert f"Example: difflm {cmd}" in result.output
+
+
+def test_pipeline_tokenize_sft_r2ft_merge(runner, tiny_native_llada_dir, tmp_path):
+    model = f"model.name={tiny_native_llada_dir}"
+    data = f"data.path={tmp_path / 'data'}"
+    res = ok(runner.invoke(app, ["tokenize", "-r", "recipes/tiny-lora.yaml", model, data, "--quiet"], terminal_width=200))
+    assert "kept" in res.stdout and "16" in res.stdout and "p90" in res.stdout
+    again = runner.invoke(app, ["tokenize", "-r", "recipes/tiny-lora.yaml", model, data, "--quiet"])
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+
+    # LoRA SFT with the live view (not --quiet): progress, the metrics table, the summary line
+    sft_dir = tmp_path / "sft"
+    res = ok(runner.invoke(app, ["sft", "-r", "recipes/tiny-lora.yaml", model, data, "-o", str(sft_dir), "--max-steps", "3",
+                                 "train.eval_every=3"], terminal_width=200))
+    assert "done: 3 steps" in res.stderr and "held-out loss" in res.stderr
+    assert (sft_dir / "final" / "adapter_model.safetensors").is_file()
+    lines = [json.loads(x) for x in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3] and lines[-1]["split"] == "eval"
+
+    # resume a finished run with more steps
+    res = ok(runner.invoke(app, ["sft", "-r", "recipes/tiny-lora.yaml", model, data, "-o", str(sft_dir), "--max-steps", "4",
+                                 "--resume", "-q"]))
+    assert [json.loads(x)["step"] for x in (sft_dir / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+    # R2FT continuing the adapter
+    r2_dir = tmp_path / "r2ft"
+    res = ok(runner.invoke(app, ["r2ft", "-r", "recipes/tiny-r2ft.yaml", model, data, "--adapter", str(sft_dir / "final"),
+                                 "--mode", "lora", "-o", str(r2_dir), "--max-steps", "2", "--beta-a", "0.2", "lora.r=8",
+                                 "lora.alpha=16", "lora.dropout=0.0"], terminal_width=200))
+    assert "LW" in res.stderr and "done: 2 steps" in res.stderr
+    rec = json.loads((r2_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"lw", "ll", "margin"} <= set(rec)
+    assert "beta_a: 0.2" in (r2_dir / "recipe.yaml").read_text()
+
+    # merge the R2FT adapter into the base
+    merged = tmp_path / "merged"
+    ok(runner.invoke(app, ["merge", "--adapter", str(r2_dir / "final"), "-o", str(merged)]))
+    assert (merged / "model.safetensors").is_file() and json.loads((merged / "config.json").read_text())["is_causal"] is False
+
+
+BAD = [
+    (["sft", "train.global_batch=3", "train.micro_batch=2"], "train.global_batch: must be a multiple of micro_batch"),
+    (["sft", "train.mode=lorax"], "train.mode: must be one of"),
+    (["sft", "optim.lr=-1"], "optim.lr: must be >= 0"),
+    (["sft", "trian.mode=lora"], "unknown key 'trian'"),
+    (["r2ft", "r2ft.span_max=3"], "r2ft.span_max: must be >= span_min"),
+    (["sft", "train.resume=true", "train.overwrite=true"], "train.resume: resume and overwrite exclude each other"),
+    (["sft", "train.mode=qlora", "model.dtype=float32"], "model.dtype: QLoRA keeps"),
+    (["merge"], "adapter: no adapter given"),
+    (["tokenize", "data.format=xml"], "data.format: must be one of"),
+    (["sft", "--max-steps", "0"], "train.max_steps: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_recipes_fail_with_one_line(runner, args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_runtime_input_errors_fail_with_one_line(runner, tiny_native_llada_dir, tmp_path):
+    base = ["-q", f"model.name={tiny_native_llada_dir}", f"train.output_dir={tmp_path / 'run'}", "train.device=cpu"]
+    cases = [
+        (["sft", *base, f"data.path={tmp_path / 'nowhere'}"], "no tokenized data"),
+        (["tokenize", *base, f"data.source={tmp_path / 'missing.jsonl'}", f"data.path={tmp_path / 'd'}"], "does not exist"),
+        (["sft", "-q", "model.name=" + str(tmp_path / "no-model"), f"data.path={tmp_path / 'nowhere'}"], "no tokenized data"),
+        (["tokenize", "-q", "model.name=" + str(tmp_path / "no-model")], "model: model folder"),
+        (["merge", "--adapter", str(tmp_path), "-o", str(tmp_path / "m")], "not a LoRA adapter folder"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+
+
+def test_data_tokenized_for_another_policy_or_model_fails(runner, tiny_native_llada_dir, tmp_path):
+    model = f"model.name={tiny_native_llada_dir}"
+    data = f"data.path={tmp_path / 'd'}"
+    ok(runner.invoke(app, ["tokenize", "-r", "recipes/tiny-sft.yaml", model, data, "-q"]))
+    res = runner.invoke(app, ["sft", "-r", "recipes/tiny-sft.yaml", model, data, "data.eos_policy=all", "-o", str(tmp_path / "r"), "-q"])
+    assert res.exit_code == 2 and "eos_policy" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["sft", "-r", "recipes/tiny-sft.yaml", model, data, "-o", str(tmp_path / "r"), "-q",
+                              "train.precision=fp16"])
+    if not torch.cuda.is_available():
+        assert res.exit_code == 2 and "fp16 mixed precision needs a CUDA GPU" in res.stderr
+
+
+@pytest.mark.parametrize("name", TRAIN_RECIPES)
+def test_shipped_recipes_load_and_open_with_their_command(name):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert re.fullmatch(rf"# difflm (tokenize|sft|r2ft) --recipe recipes/{re.escape(name)}\.yaml", first), first
+    cfg = load_recipe(TrainRecipe, path)
+    if name in ("alpaca", "r2ft-alpaca", "ar-reference", "qlora-llada-24gb"):  # the paper's settings
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.schedule) == (2.5e-5, 0.1, 500, "constant")
+        assert (cfg.train.global_batch, cfg.data.max_length, cfg.data.format) == (256, 1024, "alpaca")
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16, 0.1)
+        assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    if name == "r2ft-alpaca":
+        assert (cfg.r2ft.beta_w, cfg.r2ft.beta_l, cfg.r2ft.beta_a, cfg.r2ft.gamma, cfg.train.max_steps) == (1, 1, 0.1, 0, 300)
+    if name == "qlora-llada-24gb":
+        assert cfg.train.mode == "qlora" and cfg.train.gradient_checkpointing and cfg.train.micro_batch == 1
+
+
+def test_accelerate_configs_are_shipped():
+    for name in ("ddp", "fsdp"):
+        text = (ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text()
+        assert text.startswith("# accelerate launch --config_file recipes/accelerate/")

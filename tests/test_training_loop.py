@@ -1,0 +1,336 @@
+"""The training loop on tiny models (CPU, fp32): it learns, accumulation and multi-process runs equal one
+big batch, kill -9 + --resume equals one run, LoRA/QLoRA save and reload, gradient checkpointing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from difflm.config import from_dict, merge, to_dict
+from difflm.training import TrainRecipe, sft, tokenize, train
+from difflm.training.losses import sft_batch_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "train" / "alpaca_tiny.jsonl"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def recipe(model_path: Path, data_path: Path, out: Path, **sections) -> TrainRecipe:
+    base = {
+        "model": {"name": str(model_path), "dtype": "float32"},
+        "data": {"source": str(FIXTURE), "max_length": 128, "eos_policy": "first", "path": str(data_path)},
+        "train": {"output_dir": str(out), "global_batch": 4, "micro_batch": 2, "max_steps": 3, "precision": "fp32",
+                  "device": "cpu", "log_every": 1},
+        "optim": {"lr": 2e-3, "warmup_steps": 0, "weight_decay": 0.0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    return from_dict(TrainRecipe, merge(base, sections))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_native_llada_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "alpaca"
+    tokenize(recipe(tiny_native_llada_dir, path, path.parent / "unused", data={"eval_size": 2}))
+    return path
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result.model.module.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+        else:
+            assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is as fast, and far faster when other processes load the CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- learning --------------------------------------------------------------------------------------
+def test_loss_falls_when_overfitting_8_examples(tiny_native_llada_dir, tmp_path):
+    from datasets import load_from_disk
+
+    from difflm.models import load_model
+
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:8]
+    cfg = recipe(tiny_native_llada_dir, tmp_path / "d8", tmp_path / "run",
+                 train={"global_batch": 8, "micro_batch": 8, "max_steps": 40}, optim={"lr": 1e-2})
+    tokenize(cfg, rows=rows)
+    ds = load_from_disk(str(tmp_path / "d8"))["train"].with_format("torch")
+    batch = ds[list(range(len(ds)))]
+
+    def fixed_noise_loss(m) -> float:  # the same masks and t before and after
+        with torch.no_grad():
+            return float(sft_batch_loss(m, batch, list(range(len(ds))), seed=123, mask_id=m.ids.mask_id, tag="probe")[0])
+
+    before = fixed_noise_loss(load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu"))
+    result = sft(cfg)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 41))
+    after = fixed_noise_loss(load_model(str(result.final_dir), dtype="float32", device="cpu"))
+    assert after < 0.6 * before, (before, after)
+    first, last = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
+    assert last < 0.6 * first
+
+
+def test_gradient_accumulation_4x1_equals_batch_4(tiny_native_llada_dir, tiny_data, tmp_path):
+    big = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "b", train={"micro_batch": 4}))
+    acc = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "a", train={"micro_batch": 1}))
+    assert_same_weights(weights(big), weights(acc), atol=1e-5)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_native_llada_dir, tiny_data, tmp_path):
+    from difflm.training.loop import build_model
+
+    grads = []
+    x = torch.randint(0, 150, (2, 32))
+    for ckpt in (False, True):
+        cfg = recipe(tiny_native_llada_dir, tiny_data, tmp_path, train={"gradient_checkpointing": ckpt})
+        m = build_model(cfg, "cpu")
+        base = m.module
+        assert base.is_activation_checkpointing == ckpt
+        m(x).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in base.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def test_stop_and_resume_equals_one_run_full(tiny_native_llada_dir, tiny_data, tmp_path):
+    one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", train={"max_steps": 4}))
+    sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "two", train={"max_steps": 2, "save_every": 1}))
+    resumed = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "two", train={"max_steps": 4, "resume": True}))
+    assert_same_weights(weights(one), weights(resumed))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000002", "step-0000004"]  # keep_last 2
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from difflm.config import from_dict
+    from difflm.training import TrainRecipe, sft
+
+    cfg = from_dict(TrainRecipe, json.loads(sys.argv[1]))
+    kill_at = int(sys.argv[2])
+
+    def on_event(ev):
+        if ev["event"] == "step" and ev["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sft(cfg, callback=on_event)
+    """
+)
+
+
+def test_kill_9_and_resume_ends_with_the_same_weights(tiny_native_llada_dir, tiny_data, tmp_path):
+    """LoRA with dropout: the adapter-only checkpoint, the optimizer and the RNG state must all come back."""
+    lora = {"train": {"mode": "lora", "max_steps": 6, "save_every": 2}, "lora": {"dropout": 0.1}, "optim": {"lr": 1e-2}}
+    one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", **lora))
+    cfg = recipe(tiny_native_llada_dir, tiny_data, tmp_path / "killed", **lora)
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(to_dict(cfg)), "5"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run = tmp_path / "killed"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-0000002", "step-0000004"
+    ]
+    assert not (run / "final").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5  # step 5 was logged, then lost
+    ck = run / "checkpoints" / "step-0000004"
+    assert (ck / "model" / "adapter_model.safetensors").is_file() and not (ck / "model" / "model.safetensors").exists()
+    assert {p.name for p in (ck / "state").iterdir()} >= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
+    resumed = sft(recipe(tiny_native_llada_dir, tiny_data, run, train={**lora["train"], "resume": True},
+                         lora=lora["lora"], optim=lora["optim"]))
+    assert_same_weights(weights(one), weights(resumed))
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_native_llada_dir, tiny_data, tmp_path):
+    from difflm.errors import ConfigError
+
+    sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"max_steps": 1}))
+    with pytest.raises(ConfigError, match="--resume"):
+        sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"max_steps": 1}))
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"global_batch": 8, "resume": True}))
+    sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"max_steps": 1, "overwrite": True}))
+    with pytest.raises(ConfigError, match="objective ar needs an AR model"):  # checked before anything is written
+        sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "new", train={"objective": "ar"}))
+    assert not (tmp_path / "new").exists()
+
+
+# -- multi-process -------------------------------------------------------------------------------------
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from difflm.config import from_dict
+    from difflm.training import TrainRecipe, sft
+
+    cfg = from_dict(TrainRecipe, json.loads(sys.argv[1]))
+    result = sft(cfg)
+    rank = int(os.environ["RANK"])
+    torch.save({k: v.detach().clone() for k, v in result.model.module.state_dict().items()}, sys.argv[2] + f".rank{rank}")
+    """
+)
+
+
+def test_two_processes_gloo_equal_one_process(tiny_native_llada_dir, tiny_data, tmp_path):
+    """2 CPU ranks (gloo, DDP) x micro-batch 1 x accumulation 2 == one process with micro-batch 4."""
+    one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", train={"micro_batch": 4}))
+    cfg = recipe(tiny_native_llada_dir, tiny_data, tmp_path / "ddp", train={"micro_batch": 1})
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    out = tmp_path / "w.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script), json.dumps(to_dict(cfg)), str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
+    assert_same_weights(w0, w1)  # DDP really synchronised the gradients
+    assert_same_weights(w0, weights(one), atol=1e-5)
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["accumulation"] == 2
+    assert {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-0000003" / "state").iterdir()} >= {
+        "random_states_0.pkl", "random_states_1.pkl"
+    }
+
+
+# -- LoRA / QLoRA / merge / R2FT / AR --------------------------------------------------------------------
+def test_lora_trains_saves_adapter_only_and_reloads(tiny_native_llada_dir, tiny_data, tmp_path):
+    from difflm.models import load_model
+    from difflm.training.merge import MergeRecipe, merge_adapter
+
+    result = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "lora", train={"mode": "lora", "max_steps": 2}))
+    final = result.final_dir
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    cfg = json.loads((final / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"] and cfg["r"] == 4
+    trained = result.model
+    trained.module.eval()
+    x = torch.randint(0, 150, (2, 24))
+    with torch.no_grad():
+        want = trained(x)
+        base = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")(x)
+        again = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu", adapter=str(final))(x)
+    assert not torch.allclose(want, base, atol=1e-4)  # the adapter changed something
+    assert torch.allclose(want, again, atol=1e-5)
+    merged = merge_adapter(MergeRecipe(adapter=str(final), output=str(tmp_path / "merged")))
+    m = load_model(str(merged), dtype="float32", device="cpu")
+    assert m.family == "llada" and not hasattr(m.module, "peft_config")
+    with torch.no_grad():
+        assert torch.allclose(m(x), want, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (bitsandbytes 4-bit)")
+def test_qlora_trains_a_step_and_reloads(tiny_native_llada_dir, tiny_data, tmp_path):
+    from difflm.models import load_model
+
+    result = sft(recipe(
+        tiny_native_llada_dir, tiny_data, tmp_path / "q",
+        model={"dtype": "bfloat16"}, train={"mode": "qlora", "max_steps": 2, "device": "cuda", "precision": "bf16",
+                                            "gradient_checkpointing": True, "save_every": 1},
+        optim={"name": "adamw_8bit"},
+    ))
+    state = tmp_path / "q" / "checkpoints" / "step-0000002" / "state"
+    assert (state / "optimizer.bin").is_file()
+    final = result.final_dir
+    assert (final / "adapter_model.safetensors").is_file()
+    import bitsandbytes as bnb
+
+    assert any(isinstance(mod, bnb.nn.Linear4bit) for mod in result.model.module.modules())
+    x = torch.randint(0, 150, (2, 24))
+    result.model.module.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = result.model(x).float()
+        again = load_model(str(tiny_native_llada_dir), device="cuda", quantization="4bit", adapter=str(final))(x).float()
+    assert torch.allclose(want, again, atol=2e-2)
+    assert json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[-1])["loss"] > 0
+    more = sft(recipe(  # resume: the 4-bit base is rebuilt, the adapter and the 8-bit AdamW state come back
+        tiny_native_llada_dir, tiny_data, tmp_path / "q",
+        model={"dtype": "bfloat16"}, train={"mode": "qlora", "max_steps": 3, "device": "cuda", "precision": "bf16",
+                                            "gradient_checkpointing": True, "save_every": 1, "resume": True},
+        optim={"name": "adamw_8bit"},
+    ))
+    assert more.steps == 3
+
+
+def test_r2ft_from_an_sft_checkpoint_logs_lw_ll(tiny_native_llada_dir, tiny_data, tmp_path):
+    sft_run = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"max_steps": 2}))
+    result = train(recipe(sft_run.final_dir, tiny_data, tmp_path / "r2ft", train={"max_steps": 2, "eval_every": 2},
+                          r2ft={"span_min": 8, "span_max": 12}), "r2ft")
+    lines = [json.loads(x) for x in (tmp_path / "r2ft" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["split"] == "train"]
+    assert len(train_lines) == 2 and all({"lw", "ll", "margin"} <= set(r) for r in train_lines)
+    assert train_lines[0]["margin"] == pytest.approx(train_lines[0]["lw"] - train_lines[0]["ll"])
+    assert {"eval_loss", "eval_lw", "eval_ll"} <= set(lines[-1])
+    assert (result.final_dir / "model.safetensors").is_file()
+
+
+def test_r2ft_continues_a_lora_adapter(tiny_native_llada_dir, tiny_data, tmp_path):
+    sft_run = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"mode": "lora", "max_steps": 1}))
+    result = train(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r2ft", model={"adapter": str(sft_run.final_dir)},
+                          train={"mode": "lora", "max_steps": 1}), "r2ft")
+    assert (result.final_dir / "adapter_model.safetensors").is_file()
+
+
+def test_ar_objective_and_ar_r2ft_on_a_causal_model(tmp_path):
+    from difflm.testing import build_tiny_ar
+
+    model = build_tiny_ar(tmp_path / "ar")
+    cfg = recipe(model, tmp_path / "d", tmp_path / "run", model={"family": "ar"}, train={"objective": "ar", "max_steps": 2})
+    tokenize(cfg)
+    result = sft(cfg)
+    assert result.metrics["loss"] > 0
+    r2 = train(recipe(result.final_dir, tmp_path / "d", tmp_path / "r2", model={"family": "ar"},
+                      train={"objective": "ar", "max_steps": 1}), "r2ft")
+    assert r2.metrics["lw"] < 0 and r2.metrics["ll"] < 0
+
+
+def test_pretrain_objective_on_packed_text(tiny_native_llada_dir, tmp_path):
+    cfg = recipe(
+        tiny_native_llada_dir, tmp_path / "text", tmp_path / "pt",
+        data={"source": str(FIXTURE.parent / "text_tiny.jsonl"), "format": "text", "max_length": 32, "eos_policy": "all"},
+        train={"objective": "pretrain", "max_steps": 2, "micro_batch": 4},
+    )
+    res = tokenize(cfg)
+    assert res.stats["kept"] >= 4
+    assert sft(cfg).metrics["loss"] > 0
