@@ -96,11 +96,12 @@ def _table(seed=0):
 def _difflm_step_probs(logits, x, t, s, k, top_k):
     """difflm's step distribution [B, L, V + 1] (last column MASK) from its own step functions."""
     region = x[:, P:] == MASK
-    logp, idx = S.candidates(logits, top_k, 1.0)
-    p = logp.double().exp()
-    if idx is not None:
-        p = torch.zeros(logits.shape, dtype=torch.float64).scatter_(-1, idx, p)
-    q = p.sum(-1)
+    scores, idx, q = S.candidates(logits, top_k, 1.0)
+    if idx is None:  # all tokens: the scores are the logits
+        p = torch.softmax(scores.double(), -1)
+    else:  # the kept log-probabilities
+        p = torch.zeros(logits.shape, dtype=torch.float64).scatter_(-1, idx, scores.double().exp())
+    assert torch.allclose(q, p.sum(-1))
     s_conv = S.conv_scale(S.conv_counts(x != MASK, k)[:, P:], 1.0)
     pu = S.unmask_probability(t - s, s, S.position_scale(q, region, s_conv), q)
     out = torch.cat([pu[..., None] * p / q[..., None], (1 - pu)[..., None]], -1)

@@ -71,16 +71,20 @@ def conv_scale(u: torch.Tensor, conv_mult: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # mass methods
 def candidates(logits: torch.Tensor, top_k: int | None, temperature: float):
-    """Kept candidates per position: (log-probs [B, L, k] float32, token ids [B, L, k] or None for all).
+    """Kept candidates per position: (scores, token ids [B, L, k] or None for all, q [B, L] float64).
 
-    Probabilities are softmax(logits / T) (T = 1 when T == 0: the token draw is then an argmax).
+    Probabilities are p = softmax(logits / T) (T = 1 when T == 0: the token draw is then an argmax).
+    With top-k, scores are the kept log-probabilities log p_ij [B, L, k] and q_i = sum_j p_ij; without,
+    scores are the logits themselves and q_i = 1. Nothing of size [B, L, V] is written: top-k and
+    logsumexp only read the logits (at a 126k vocabulary a full log-softmax costs more than the rest
+    of the step).
     """
-    t = temperature if temperature > 0 else 1.0
-    logp = torch.log_softmax(logits.float() / t, dim=-1)
-    if top_k is None or top_k >= logp.shape[-1]:
-        return logp, None
-    vals, idx = logp.topk(top_k, dim=-1)
-    return vals, idx
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits, None, torch.ones(logits.shape[:-1], dtype=torch.float64, device=logits.device)
+    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
+    vals, idx = scaled.topk(top_k, dim=-1)
+    logp = vals - torch.logsumexp(scaled, dim=-1, keepdim=True)
+    return logp, idx, logp.double().exp().sum(-1)
 
 
 def position_scale(q: torch.Tensor, region: torch.Tensor, s_conv: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,11 +125,9 @@ def mass_step(
 
     region: masked positions allowed to unmask (masked, inside the current block for semi-AR).
     """
-    logp, idx = candidates(logits, top_k, temperature)
-    if idx is None:
-        q = torch.ones(x.shape, dtype=torch.float64, device=x.device)
-    else:
-        q = logp.double().exp().sum(-1)
+    scores, idx, q = candidates(logits, top_k, temperature)
+    # top-k scores are already log p at temperature T: draw among them at T = 1 (or argmax for T = 0)
+    draw_t = temperature if idx is None or temperature == 0 else 1.0
     m = position_scale(q, region, s_conv)
     p_unmask = unmask_probability(a, b, m, q) * region
     u = _rand(gens, (x.shape[1],), x.device)
@@ -135,7 +137,7 @@ def mass_step(
         pos = unmask[r].nonzero().squeeze(1)
         if pos.numel() == 0:
             continue
-        choice = gumbel_argmax(logp[r, pos], g, temperature)
+        choice = gumbel_argmax(scores[r, pos], g, draw_t)
         new[r, pos] = choice if idx is None else idx[r, pos].gather(-1, choice[:, None]).squeeze(1)
     return new, unmask
 
