@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Never reach for the Hub in tests (a miss otherwise costs ~50 s of retries), even when pytest runs bare.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path | None:

@@ -161,3 +161,21 @@ def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, t
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert [r["output"] for r in a] == [r["output"] for r in b]
     assert json.loads(Path(str(multi) + ".manifest.json").read_text())["world_size"] == 2
+
+
+def test_nucleus_reference_answers_from_an_ar_model(tmp_path):
+    """--decode nucleus on a causal model goes through transformers' generate: reproducible, cut at EOS."""
+    from difflm.testing import build_tiny_ar
+
+    ar = build_tiny_ar(tmp_path / "ar")
+    outs = []
+    for name in ("a.json", "b.json"):
+        res = runner.invoke(app, ["generate", "-m", str(ar), "--family", "ar", "--decode", "nucleus", "--top-p", "0.9",
+                                  "--gen-length", "12", "--input", str(FIX / "instructions.jsonl"), "-o",
+                                  str(tmp_path / name), "-q"])
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads((tmp_path / name).read_text()))
+    assert [r["output"] for r in outs[0]] == [r["output"] for r in outs[1]]  # same seed, same batch: same text
+    assert all(0 <= r["content_tokens"] <= 12 and r["nfe"] <= 12 for r in outs[0])
+    man = json.loads((tmp_path / "a.json.manifest.json").read_text())
+    assert man["family"] == "ar" and man["decode"]["method"] == "nucleus"
