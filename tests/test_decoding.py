@@ -489,3 +489,20 @@ def test_cache_is_refused_where_it_does_not_apply():
     assert e.value.key == "cache"
     with pytest.raises(ConfigError):
         DecodeConfig(method="llada", cache="dual", cfg_scale=1.0).validate()
+
+
+def test_llada_conv_with_threshold_commits_at_least_one_per_step():
+    torch.manual_seed(1)
+    table = torch.randn(2 + 16, V) * 3
+    prompt = torch.tensor([[0, 1]])
+    seen = []
+    cfg = DecodeConfig(method="llada_conv", gen_length=16, steps=16, kernel_size=5, threshold=0.5)
+    out = generate(FixedLogits(table), prompt, cfg, mask_id=MASK, eos_id=EOS,
+                   callback=lambda ev: seen.append(int((ev["x"] != MASK).sum())))
+    assert all(b - a >= 1 for a, b in zip([2] + seen, seen)) and not (out.sequences == MASK).any()
+    # a threshold above 1 commits exactly one token per step: the conv-scaled most confident one
+    one = generate(FixedLogits(table), prompt, DecodeConfig(method="llada_conv", gen_length=16, steps=16,
+                   kernel_size=5, threshold=1.5), mask_id=MASK, eos_id=EOS)
+    plain = generate(FixedLogits(table), prompt, DecodeConfig(method="llada_conv", gen_length=16, steps=16,
+                     kernel_size=5), mask_id=MASK, eos_id=EOS)
+    assert torch.equal(one.sequences, plain.sequences) and one.nfe == 16
