@@ -46,6 +46,35 @@ def gumbel_argmax(scores: torch.Tensor, gen: torch.Generator, temperature: float
     return torch.cat(out)
 
 
+def gumbel_argmax_rows(
+    scores: torch.Tensor, counts: list[int], gens: list[torch.Generator], temperature: float, max_rows: int = 256
+) -> torch.Tensor:
+    """`gumbel_argmax` for the positions of a whole batch at once: `scores` [N, C] holds counts[0] rows of
+    batch row 0, then counts[1] of row 1, ...; each batch row's noise comes from its own generator (one draw
+    per row, the same as drawing it alone), the arithmetic runs batched over groups of at most `max_rows`
+    positions, so the kernel count does not grow with the batch (the sampler was launch-bound on a GPU)."""
+    if temperature == 0 or scores.shape[0] == 0:
+        return scores.argmax(-1)
+    out, start, group, noise = [], 0, 0, []
+
+    def flush(end: int) -> None:
+        z = scores[start:end].double() / temperature
+        u = torch.cat(noise).clamp_min(1e-300)
+        out.append((z - torch.log(-torch.log(u))).argmax(-1))
+
+    for g, n in zip(gens, counts):
+        if n == 0:
+            continue
+        noise.append(torch.rand((n, scores.shape[1]), generator=g, device=scores.device, dtype=torch.float64))
+        group += n
+        if group >= max_rows:
+            flush(start + group)
+            start, group, noise = start + group, 0, []
+    if group:
+        flush(start + group)
+    return torch.cat(out)
+
+
 # ------------------------------------------------------------------------------------------------
 # the convolution window
 def conv_counts(known: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -133,12 +162,10 @@ def mass_step(
     u = _rand(gens, (x.shape[1],), x.device)
     unmask = region & (u < p_unmask)
     new = x.clone()
-    for r, g in enumerate(gens):  # token draws only where a position unmasks (few per step)
-        pos = unmask[r].nonzero().squeeze(1)
-        if pos.numel() == 0:
-            continue
-        choice = gumbel_argmax(scores[r, pos], g, draw_t)
-        new[r, pos] = choice if idx is None else idx[r, pos].gather(-1, choice[:, None]).squeeze(1)
+    rows, cols = unmask.nonzero(as_tuple=True)  # token draws only where a position unmasks (few per step)
+    if rows.numel():
+        choice = gumbel_argmax_rows(scores[rows, cols], unmask.sum(1).tolist(), gens, draw_t)
+        new[rows, cols] = choice if idx is None else idx[rows, cols].gather(-1, choice[:, None]).squeeze(1)
     return new, unmask
 
 
