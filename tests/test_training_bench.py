@@ -20,13 +20,6 @@ def bench():
     return mod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_tiny_runs_and_writes_json(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))

@@ -19,13 +19,6 @@ TRAIN_RECIPES = ["alpaca", "r2ft-alpaca", "mdlm-alpaca", "ar-reference", "qlora-
                  "tiny-sft", "tiny-lora", "tiny-r2ft", "tiny-pretrain"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def runner():

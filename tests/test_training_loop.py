@@ -62,14 +62,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and far faster when other processes load the CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- learning --------------------------------------------------------------------------------------
 def test_loss_falls_when_overfitting_8_examples(tiny_native_llada_dir, tmp_path):

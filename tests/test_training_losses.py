@@ -25,14 +25,6 @@ from difflm.training.r2ft import corrupt, r2ft_batch_loss, r2ft_loss
 V, MASK, EOS = 12, 11, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is as fast, and far faster when other processes load the CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _hand_logp(row_logits: torch.Tensor, token: int, mask_id: int | None = MASK) -> float:
     """log p(token) with the MASK logit removed, computed with Python floats."""

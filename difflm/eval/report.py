@@ -29,31 +29,13 @@ tokens_per_nfe.png (content tokens per NFE of each run, AR decoding = 1).
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from difflm.errors import ConfigError
+from difflm.io import atomic_write_bytes
 
 __all__ = ["COLUMNS", "TERMINAL_COLUMNS", "build_report", "render_markdown", "summarize_run"]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def summarize_run(run) -> dict[str, Any]:
@@ -238,7 +220,7 @@ def render_markdown(rows: list[dict], plots: list[str] | None = None, title: str
 def _save_fig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _group_key(r: dict, multi_model: bool) -> str:
