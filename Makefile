@@ -11,10 +11,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo bench clean help
+.PHONY: install test demo bench paper-small clean help
 
 help:
-	@echo "make install | test | demo | bench | eval-gsm8k | tiny-llada | clean"
+	@echo "make install | test | demo | bench | eval-gsm8k | tiny-llada | tiny-models | paper-small | clean"
 
 install: $(STAMP)
 
@@ -37,7 +37,12 @@ bench: $(STAMP)
 	$(PY) bench/bench.py --preset tiny --name tiny-cpu
 	$(PY) bench/bench.py --preset synthetic-32k --gen-length 256 --name synthetic-32k-cpu
 
+# The paper's claims at small scale on the embedded models (CPU, ~15 min on 2 cores): runs/paper-small/RESULTS.md
+paper-small: $(STAMP)
+	$(PY) bench/paper_small.py --out runs/paper-small
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 include eval.mk
+include tiny.mk

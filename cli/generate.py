@@ -27,7 +27,7 @@ def generate(
     recipe: RecipePath = None,
     overrides: Overrides = None,
     # model
-    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name or local folder.", panel=_M)] = None,
+    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft.", panel=_M)] = None,
     family: Annotated[Optional[str], _opt("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
     dtype: Annotated[Optional[str], _opt("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,

@@ -29,7 +29,10 @@ from difflm.io import PartialResults, atomic_write_json, atomic_write_text, writ
 
 @dataclass
 class ModelConfig:
-    name: str | None = field(default=None, metadata={"help": "hub name or local folder"})
+    name: str | None = field(
+        default="tiny-shakespeare",
+        metadata={"help": "hub name, local folder, or an embedded model (tiny-shakespeare, tiny-math, tiny-math-r2ft)"},
+    )
     family: str = field(
         default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"], "help": "model family"}
     )
@@ -312,15 +315,16 @@ def load_recipe_model(m: ModelConfig, dist: Dist | None = None):
     """Load the recipe's model; under a launcher each rank takes its own GPU (cuda:LOCAL_RANK)."""
     from difflm.models import load_model
 
-    if m.name is None:
-        raise ConfigError("no model given: pass --model NAME_OR_PATH", key="model.name")
+    from difflm.models.loading import DEFAULT_MODEL
+
+    name = m.name or DEFAULT_MODEL  # no model given: the embedded default
     device = m.device
     if device is None and dist is not None and dist.world > 1:
         import torch
 
         device = f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu"
     return load_model(
-        m.name, family=m.family, dtype=m.dtype, device=device, adapter=m.adapter, quantization=m.quantization,
+        name, family=m.family, dtype=m.dtype, device=device, adapter=m.adapter, quantization=m.quantization,
         trust_remote_code=m.trust_remote_code, tokenizer=m.tokenizer,
     )
 

@@ -197,10 +197,32 @@ def _hub_config_file(name: str) -> str:
         ) from None
 
 
+# The trained models that ship inside the package (difflm/embedded/<name>/, built by `make tiny-models`).
+# A local folder of the same name wins over them.
+EMBEDDED_MODELS: dict[str, str] = {
+    "tiny-shakespeare": "masked-diffusion LM pretrained on Shakespeare (2.6M params)",
+    "tiny-math": "tiny-shakespeare fine-tuned on synthetic GSM8K-style problems",
+    "tiny-math-r2ft": "tiny-math after a short R2FT stage",
+}
+DEFAULT_MODEL = "tiny-shakespeare"
+
+
+def embedded_model_dir(name: str) -> Path | None:
+    """The package folder of an embedded model name, or None when `name` is not one."""
+    if name not in EMBEDDED_MODELS:
+        return None
+    return Path(__file__).resolve().parent.parent / "embedded" / name
+
+
 def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any], bool]:
     """(what to pass to from_pretrained, the parsed config.json, whether it is a local folder)."""
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
+    embedded = embedded_model_dir(name)
+    if not path.is_dir() and embedded is not None:
+        if not (embedded / "config.json").is_file():
+            raise ConfigError(f"embedded model {name} is missing from {embedded} (rebuild: make tiny-models)", key="model")
+        path = embedded
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{name} has no config.json, so it is not a Hugging Face model folder", key="model")
