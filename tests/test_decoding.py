@@ -506,3 +506,19 @@ def test_llada_conv_with_threshold_commits_at_least_one_per_step():
     plain = generate(FixedLogits(table), prompt, DecodeConfig(method="llada_conv", gen_length=16, steps=16,
                      kernel_size=5), mask_id=MASK, eos_id=EOS)
     assert torch.equal(one.sequences, plain.sequences) and one.nfe == 16
+
+
+def test_diffusionlm_asks_for_the_generated_positions_only(tiny_native_llada_dir):
+    """logits_to_keep on the native LLaDA path: the same tokens as slicing the full logits."""
+    from difflm.models import load_model
+
+    m = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    assert m._head_keeps_logits()
+    x = torch.randint(0, 150, (2, 12))
+    assert torch.allclose(m(x, logits_to_keep=5), m(x)[:, -5:], atol=1e-5)
+    prompt = torch.randint(0, 150, (2, 6))
+    for method in ("conv", "llada"):
+        cfg = DecodeConfig(method=method, gen_length=16, steps=8, top_k=1, kernel_size=5)
+        a = generate(m, prompt, cfg)  # DiffusionLM: logits_to_keep
+        b = generate(m.module, prompt, cfg, mask_id=m.ids.mask_id, eos_id=m.ids.eos_id)  # bare module: sliced
+        assert torch.equal(a.sequences, b.sequences), method

@@ -168,15 +168,21 @@ class _Decoder:
             un[:, : self.plen] = torch.where(prompt_real, torch.full_like(un[:, : self.plen], self.mask_id), un[:, : self.plen])
             inp = torch.cat([x, un])
             am = None if attn is None else torch.cat([attn, attn])
-            logits = _logits_of(self.model(inp, attention_mask=am))[:, self.plen :].float()
+            logits = self.call_model(inp, am).float()
             cond, uncond = logits.chunk(2)
             logits = uncond + (cfg.cfg_scale + 1.0) * (cond - uncond)
             self.nfe += 2
         else:
-            logits = _logits_of(self.model(x, attention_mask=attn))[:, self.plen :].float()
+            logits = self.call_model(x, attn).float()
             self.nfe += 1
         self.last_logits = self.postprocess(logits)
         return self.last_logits
+
+    def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
+        """The model's logits over the generated positions; a DiffusionLM is asked for those alone."""
+        if getattr(self.model, "accepts_logits_to_keep", False):
+            return _logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
+        return _logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
 
     def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
         """MASK at -inf and the repetition penalty, on logits of all or a window of the positions."""

@@ -9,6 +9,8 @@ fails at load, not after an hour of decoding.
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -192,6 +194,7 @@ class DiffusionLM:
             list(lora_target_modules) if lora_target_modules is not None else default_lora_targets(module, family)
         )
         self._forward = _FORWARDS[family]
+        self._keeps: bool | None = None
 
     @classmethod
     def from_module(cls, module: nn.Module, family: str, ids: TokenIds, **kwargs: Any) -> "DiffusionLM":
@@ -222,18 +225,41 @@ class DiffusionLM:
         return torch.float32
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, L, V] for `input_ids` [B, L]; inputs are moved to the model's device."""
+    #: `forward` takes `logits_to_keep` (decoders use it to skip the output head over the prompt)
+    accepts_logits_to_keep = True
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None
+    ) -> torch.Tensor:
+        """Logits [B, L, V] for `input_ids` [B, L]; inputs are moved to the model's device.
+
+        `logits_to_keep=n` returns the logits of the last n positions only, [B, n, V]. On the native LLaDA
+        path transformers then runs the output head (the vocabulary projection, the largest matmul at a
+        126k vocabulary) on those positions alone; other families compute all and slice.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         device = self.device
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        return self._forward(self.module, input_ids, attention_mask)
+        if logits_to_keep is None:
+            return self._forward(self.module, input_ids, attention_mask)
+        if self._head_keeps_logits():
+            return logits_of(self.module(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep))
+        return self._forward(self.module, input_ids, attention_mask)[:, -logits_to_keep:]
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward(input_ids, attention_mask)
+    def _head_keeps_logits(self) -> bool:
+        """Whether the (base) module's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+        if self._keeps is None:
+            base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+            self._keeps = self.family == "llada" and "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._keeps
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None
+    ) -> torch.Tensor:
+        return self.forward(input_ids, attention_mask, logits_to_keep)
 
     # -- text -------------------------------------------------------------------------------------
     def chat_ids(self, messages_or_text: str | Sequence[dict]) -> list[int]:
