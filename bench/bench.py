@@ -198,12 +198,20 @@ class TimedModel:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, input_ids, attention_mask=None, **kwargs):
+    #: like a DiffusionLM: difflm's decoders ask for the generated positions' logits only (the reference
+    #: loops, written as LLaDA's, do not)
+    accepts_logits_to_keep = True
+
+    def __call__(self, input_ids, attention_mask=None, logits_to_keep=None, **kwargs):
         """Logits; with extra keyword arguments (the KV-cache path: use_cache, cache, position_ids) the
         model's whole output object, as the cache needs it."""
         self.sync()
         t0 = time.perf_counter()
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if logits_to_keep is not None:
+            kwargs_model = dict(kwargs, logits_to_keep=logits_to_keep)
+        else:
+            kwargs_model = kwargs
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs_model)
         out.logits[..., self.mask_id] = float("-inf")
         self.sync()
         self.spans.append((t0, time.perf_counter()))
