@@ -401,6 +401,41 @@ def test_eos_fill_saves_forward_passes():
     assert all(t == EOS for t in gen[first:])
 
 
+class PromptSwitch(torch.nn.Module):
+    """Rows whose prompt starts with 0 see confident EOS everywhere (they finish at the first step);
+    other rows see a flat distribution over the words. Records the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, attention_mask=None):
+        self.calls.append(x.shape[0])
+        out = torch.zeros(x.shape[0], x.shape[1], V)
+        out[:, :, EOS] = torch.where(x[:, :1] == 0, 8.0, -30.0)
+        return out
+
+
+@pytest.mark.parametrize("method", ["llada", "conv", "threshold", "semi_ar", "remdm"])
+def test_finished_rows_leave_the_forward_pass(method):
+    model = PromptSwitch()
+    kw = dict(block_length=8) if method in ("llada", "threshold", "semi_ar") else {}
+    cfg = DecodeConfig(method=method, gen_length=16, steps=16, eos_fill=True, top_k=2, **kw)
+    prompts = torch.tensor([[0, 1], [1, 1], [2, 1]])
+    seeds = [item_seed(3, i) for i in range(3)]
+    out = generate(model, prompts, cfg, mask_id=MASK, eos_id=EOS, row_seeds=seeds)
+    assert out.sequences[0, 2:].tolist() == [EOS] * 16
+    assert not (out.sequences[1:, 2:] == EOS).any()  # EOS has probability ~0 in the other rows
+    # the finished row leaves the batch (llada/threshold: after the first step) while the others go on
+    assert model.calls[0] == 3 and max(model.calls[-2:]) <= 2
+    if method in ("llada", "threshold"):
+        assert model.calls.count(3) == 1
+    assert out.row_passes == sum(model.calls) < 3 * out.nfe
+    for i in range(3):
+        single = generate(PromptSwitch(), prompts[i : i + 1], cfg, mask_id=MASK, eos_id=EOS, row_seeds=[seeds[i]])
+        assert single.sequences[0].tolist() == out.sequences[i].tolist()
+
+
 def test_conv_fill_pass_reports_unreached_positions():
     # K = 1: only positions whose own token is known could unmask: nothing can, all are filled by argmax
     table = make_table(1, 6, seed=0)

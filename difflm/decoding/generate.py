@@ -16,7 +16,7 @@ import torch
 
 from difflm.decoding import steps as S
 from difflm.decoding.cache import BlockCache
-from difflm.decoding.config import BLOCK_METHODS, CONV_METHODS, DecodeConfig
+from difflm.decoding.config import BLOCK_METHODS, CONV_METHODS, DecodeConfig, check_method_family
 from difflm.errors import ConfigError
 
 _T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
@@ -29,6 +29,7 @@ class GenerateOutput:
     prompt_length: int  #: padded prompt length P: the answer is sequences[:, P:]
     filled: torch.Tensor  #: LongTensor [B]: positions still masked at the end, filled by argmax
     steps_run: int  #: denoising steps actually run (can be < steps with EOS fill)
+    row_passes: int = 0  #: sequences run through the model, summed over passes (finished rows skip passes)
 
 
 def item_seed(seed: int, key: str | int) -> int:
@@ -93,6 +94,7 @@ def generate(
     each row its own noise (default: derived from `config.seed` and the row index). `callback(event)` is
     called after every step with {"step", "nfe", "x"} (x: the full current sequences), e.g. for a live view.
     """
+    check_method_family(config.method, getattr(model, "family", None), getattr(model, "name", None))
     ids = getattr(model, "ids", None)
     mask_id = mask_id if mask_id is not None else getattr(ids, "mask_id", None)
     eos_id = eos_id if eos_id is not None else getattr(ids, "eos_id", None)
@@ -141,7 +143,10 @@ class _Decoder:
         self.gens = _generators(row_seeds, device)
         self.temperature = cfg.effective_temperature()
         self.nfe = 0
+        self.row_passes = 0
         self.step = 0
+        self.rows: torch.Tensor | None = None  # indices of the rows still decoding; None: all of them
+        self.active: list[bool] | None = None  # per row: still decoding in the current window
         self.last_logits: torch.Tensor | None = None
         self.kv = BlockCache(model, cfg.cache) if cfg.cache else None
         self.block = (0, self.L)  # the current block [start, end) in generated positions
@@ -158,13 +163,19 @@ class _Decoder:
         self.x[:, self.plen :] = new
 
     def forward(self) -> torch.Tensor:
-        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied."""
-        cfg, x, attn = self.cfg, self.x, self.attn
+        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied.
+
+        Rows that have nothing left to decode in the current window (`self.rows` excludes them) are not run
+        through the model: their logits rows keep the previous step's values, which nothing reads."""
+        cfg, rows = self.cfg, self.rows
         if self.kv is not None:
             return self.forward_cached()
+        x = self.x if rows is None else self.x[rows]
+        attn = self.attn if rows is None or self.attn is None else self.attn[rows]
         if cfg.cfg_scale > 0:
+            valid = self.valid if rows is None else self.valid[rows]
             un = x.clone()
-            prompt_real = self.valid[:, : self.plen]
+            prompt_real = valid[:, : self.plen]
             un[:, : self.plen] = torch.where(prompt_real, torch.full_like(un[:, : self.plen], self.mask_id), un[:, : self.plen])
             inp = torch.cat([x, un])
             am = None if attn is None else torch.cat([attn, attn])
@@ -172,11 +183,20 @@ class _Decoder:
             cond, uncond = logits.chunk(2)
             logits = uncond + (cfg.cfg_scale + 1.0) * (cond - uncond)
             self.nfe += 2
+            self.row_passes += inp.shape[0]
         else:
             logits = self.call_model(x, attn).float()
             self.nfe += 1
-        self.last_logits = self.postprocess(logits)
-        return self.last_logits
+            self.row_passes += x.shape[0]
+        logits = self.postprocess(logits, rows)
+        if rows is not None:
+            buf = self.last_logits
+            if buf is None or buf.shape[1:] != logits.shape[1:]:
+                buf = logits.new_empty((self.x.shape[0],) + tuple(logits.shape[1:]))
+            buf[rows] = logits
+            logits = buf
+        self.last_logits = logits
+        return logits
 
     def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
         """The model's logits over the generated positions; a DiffusionLM is asked for those alone."""
@@ -184,13 +204,25 @@ class _Decoder:
             return _logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
         return _logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
 
-    def postprocess(self, logits: torch.Tensor) -> torch.Tensor:
-        """MASK at -inf and the repetition penalty, on logits of all or a window of the positions."""
+    def postprocess(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """MASK at -inf and the repetition penalty, on logits of all or a window of the positions
+        (of the batch rows `rows`, or all of them)."""
         logits[..., self.mask_id] = float("-inf")
         if self.cfg.repetition_penalty != 1.0:
-            known = self.valid & (self.x != self.mask_id)
-            S.apply_repetition_penalty(logits, self.x, known, self.cfg.repetition_penalty)
+            x, valid = (self.x, self.valid) if rows is None else (self.x[rows], self.valid[rows])
+            S.apply_repetition_penalty(logits, x, valid & (x != self.mask_id), self.cfg.repetition_penalty)
         return logits
+
+    def select_rows(self, region: torch.Tensor) -> bool:
+        """Set `self.rows` to the rows with masked positions left in `region`; False when there are none.
+        One host-device sync per step (it replaces the `region.any()` test every loop needs anyway)."""
+        self.active = S.active_rows(region)
+        n = sum(self.active)
+        if n == len(self.active) or self.kv is not None:
+            self.rows = None
+        else:
+            self.rows = torch.tensor([i for i, on in enumerate(self.active) if on], device=self.x.device)
+        return n > 0
 
     def forward_cached(self) -> torch.Tensor:
         """Block methods with `cache`: a full pass at each block start (and every `cache_refresh` steps),
@@ -201,6 +233,7 @@ class _Decoder:
             self.cfg.cache_refresh is not None and self.since_refresh >= self.cfg.cache_refresh
         )
         self.nfe += 1
+        self.row_passes += self.x.shape[0]
         if refresh:
             logits = self.kv.full(self.x, self.attn, lo, hi)[:, self.plen :].float()
             self.last_logits = self.postprocess(logits)
@@ -237,13 +270,14 @@ class _Decoder:
         else:  # validated before; kept as a guard for new methods
             raise ConfigError(f"method {m!r} has no decoder", key="method")
         filled = self.fill(torch.ones_like(self.gen, dtype=torch.bool))
-        return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step)
+        return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step, self.row_passes)
 
     def fill(self, window: torch.Tensor) -> torch.Tensor:
         """Positions of `window` still masked take the argmax of the last prediction (no extra NFE)."""
         left = (self.gen == self.mask_id) & window
         if left.any():
             if self.last_logits is None:
+                self.rows = None
                 self.forward()
             self.set_gen(torch.where(left, self.last_logits.argmax(-1), self.gen))
         return left.sum(1)
@@ -267,17 +301,18 @@ class _Decoder:
         top_k = None if cfg.method == "categorical" else cfg.top_k
         for i in range(n_steps):
             region = (self.gen == self.mask_id) & window
-            if not region.any():
+            if not self.select_rows(region):
                 break
             logits = self.forward()
             a, b, remask = _schedule_weights(cfg, ts[i], ts[i + 1])
             s_conv = self.conv_scales() if cfg.method in CONV_METHODS else None
             old = self.gen.clone()
             new, _ = S.mass_step(
-                logits, old, region, a, b, top_k=top_k, temperature=self.temperature, gens=self.gens, s_conv=s_conv
+                logits, old, region, a, b, top_k=top_k, temperature=self.temperature, gens=self.gens, s_conv=s_conv,
+                active=self.active,
             )
             if remask > 0:  # ReMDM loop: decoded answer tokens go back to MASK with probability eta
-                u = S._rand(self.gens, (self.L,), old.device)
+                u = S._rand(self.gens, (self.L,), old.device, active=self.active)  # finished rows stay finished
                 back = (old != self.mask_id) & window & (u < remask)
                 new = torch.where(back, torch.full_like(new, self.mask_id), new)
             self.set_gen(new)
@@ -291,10 +326,10 @@ class _Decoder:
         max_iter = n_steps if tau is None else int(window.sum(1).max().item())
         for i in range(max_iter):
             region = (self.gen == self.mask_id) & window
-            if not region.any():
+            if not self.select_rows(region):
                 break
             logits = self.forward()
-            x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens)
+            x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
             if cfg.method in CONV_METHODS:
                 conf = torch.where(region, conf * self.conv_scales(), conf)
             if tau is None:
@@ -335,4 +370,4 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
         gen = torch.cat([gen, pad], 1)
     gen = S.eos_fill(gen, -1, [eos_id] + ([eot_id] if eot_id is not None else []), eos_id)
     seq = torch.cat([input_ids, gen], 1)
-    return GenerateOutput(seq, nfe, plen, torch.zeros(seq.shape[0], dtype=torch.long, device=device), nfe)
+    return GenerateOutput(seq, nfe, plen, torch.zeros(seq.shape[0], dtype=torch.long, device=device), nfe, nfe * seq.shape[0])

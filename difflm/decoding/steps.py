@@ -24,9 +24,21 @@ import torch
 
 # ------------------------------------------------------------------------------------------------
 # noise
-def _rand(gens: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float64) -> torch.Tensor:
-    """Uniform(0, 1) noise [B, *shape], row b drawn from gens[b]."""
-    return torch.stack([torch.rand(shape, generator=g, device=device, dtype=dtype) for g in gens])
+def _rand(
+    gens: list[torch.Generator], shape: tuple[int, ...], device, dtype=torch.float64, active: list[bool] | None = None
+) -> torch.Tensor:
+    """Uniform(0, 1) noise [B, *shape], row b drawn from gens[b]. Rows with active[b] False draw nothing
+    (their generator is left as it is, as if the row were decoded alone and had stopped) and get 1.0."""
+    return torch.stack([
+        torch.rand(shape, generator=g, device=device, dtype=dtype) if active is None or on
+        else torch.ones(shape, device=device, dtype=dtype)
+        for g, on in zip(gens, active if active is not None else [True] * len(gens))
+    ])
+
+
+def active_rows(region: torch.Tensor) -> list[bool]:
+    """Rows with at least one position in `region` (one host-device sync)."""
+    return region.any(1).tolist()
 
 
 def gumbel_argmax(scores: torch.Tensor, gen: torch.Generator, temperature: float, chunk: int = 64) -> torch.Tensor:
@@ -149,17 +161,19 @@ def mass_step(
     temperature: float,
     gens: list[torch.Generator],
     s_conv: torch.Tensor | None = None,
+    active: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One reverse step of a mass method. Returns (new x, bool [B, L] of positions unmasked now).
 
     region: masked positions allowed to unmask (masked, inside the current block for semi-AR).
+    active: `active_rows(region)` if the caller has it; rows with an empty region draw no noise.
     """
     scores, idx, q = candidates(logits, top_k, temperature)
     # top-k scores are already log p at temperature T: draw among them at T = 1 (or argmax for T = 0)
     draw_t = temperature if idx is None or temperature == 0 else 1.0
     m = position_scale(q, region, s_conv)
     p_unmask = unmask_probability(a, b, m, q) * region
-    u = _rand(gens, (x.shape[1],), x.device)
+    u = _rand(gens, (x.shape[1],), x.device, active=active_rows(region) if active is None else active)
     unmask = region & (u < p_unmask)
     new = x.clone()
     rows, cols = unmask.nonzero(as_tuple=True)  # token draws only where a position unmasks (few per step)
@@ -172,7 +186,8 @@ def mass_step(
 # ------------------------------------------------------------------------------------------------
 # confidence methods (LLaDA low-confidence remasking, llada_conv, Fast-dLLM threshold)
 def propose(
-    logits: torch.Tensor, region: torch.Tensor, temperature: float, remasking: str, gens: list[torch.Generator]
+    logits: torch.Tensor, region: torch.Tensor, temperature: float, remasking: str, gens: list[torch.Generator],
+    active: list[bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate tokens x0 [B, L] and confidences [B, L] (float64; -inf outside `region`).
 
@@ -186,7 +201,7 @@ def propose(
             if pos.numel():
                 x0[r, pos] = gumbel_argmax(logits[r, pos], g, temperature)
     if remasking == "random":
-        conf = _rand(gens, (logits.shape[1],), logits.device)
+        conf = _rand(gens, (logits.shape[1],), logits.device, active=active_rows(region) if active is None else active)
     else:
         conf = softmax_at(logits, x0, region)
     conf = torch.where(region, conf, torch.full_like(conf, float("-inf")))
