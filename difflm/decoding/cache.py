@@ -43,10 +43,12 @@ class BlockCache:
         self.lo = self.hi = 0
         self.attn_kept: torch.Tensor | None = None
 
-    def full(self, x: torch.Tensor, attn: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    def full(self, x: torch.Tensor, attn: torch.Tensor | None, lo: int, hi: int, logits_to_keep: int = 0) -> torch.Tensor:
         """Full forward on x; keeps the keys/values outside the recomputed window [lo, hi) of the next steps
-        (absolute positions; for `prefix` hi is the sequence end). Returns logits [B, T, V]."""
-        out = _module(self.model)(x, attention_mask=attn, use_cache=True)
+        (absolute positions; for `prefix` hi is the sequence end). Returns logits [B, T, V], or of the last
+        `logits_to_keep` positions only when it is > 0 (the output head is skipped for the prompt)."""
+        kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        out = _module(self.model)(x, attention_mask=attn, use_cache=True, **kw)
         cache = _cache_of(out)
         n = x.shape[1]
         keep = torch.cat([torch.arange(0, lo), torch.arange(hi, n)]).to(x.device)

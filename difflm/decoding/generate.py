@@ -235,7 +235,7 @@ class _Decoder:
         self.nfe += 1
         self.row_passes += self.x.shape[0]
         if refresh:
-            logits = self.kv.full(self.x, self.attn, lo, hi)[:, self.plen :].float()
+            logits = self.kv.full(self.x, self.attn, lo, hi, logits_to_keep=self.L)[:, -self.L :].float()
             self.last_logits = self.postprocess(logits)
             self.since_refresh = 1
         else:
