@@ -145,3 +145,24 @@ class DecodeConfig:
         if self.method == "threshold":
             return 0.9 if self.threshold is None else float(self.threshold)
         return None if self.threshold is None else float(self.threshold)
+
+
+def check_method_family(method: str, family: str | None, name: str | None = None) -> None:
+    """Raise ConfigError (one line) when the decoder cannot apply to the model family: an autoregressive
+    model ("ar") decodes only with the AR methods (nucleus), a diffusion model only with the others.
+    `family` None (unknown) passes."""
+    if family is None or method not in METHODS:
+        return
+    what = name or "the model"
+    if family == "ar" and method not in AR_METHODS:
+        raise ConfigError(
+            f"{what} is an autoregressive model (family ar): decode it with {' or '.join(AR_METHODS)}, "
+            f"not {method} (a diffusion decoder)",
+            key="decode.method",
+        )
+    if family != "ar" and method in AR_METHODS:
+        raise ConfigError(
+            f"{method} is autoregressive decoding (transformers' generate); {what} is a {family} diffusion model: "
+            "use a diffusion decoder (conv, llada, topk, ...)",
+            key="decode.method",
+        )
