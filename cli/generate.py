@@ -27,7 +27,7 @@ def generate(
     recipe: RecipePath = None,
     overrides: Overrides = None,
     # model
-    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft.", panel=_M)] = None,
+    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)] = None,
     family: Annotated[Optional[str], _opt("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
     dtype: Annotated[Optional[str], _opt("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
     device: Annotated[Optional[str], _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,
@@ -123,7 +123,7 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.text import Text
 
-    from difflm.generation import init_distributed, load_items, load_recipe_model
+    from difflm.generation import check_model_decoder, init_distributed, load_items, load_recipe_model
 
     import transformers
 
@@ -132,6 +132,7 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
     dist = init_distributed()
     quiet = quiet or not dist.main
     items = load_items(cfg.data)  # bad inputs fail before the (slow) model load
+    check_model_decoder(cfg)  # so does a decoder that cannot apply to the model's family
     with err.status(f"loading {cfg.model.name} ...", spinner="dots") if not quiet else _null():
         model = load_recipe_model(cfg.model, dist)
     state = {"tokens": 0, "t0": time.perf_counter()}

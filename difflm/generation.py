@@ -31,7 +31,8 @@ from difflm.io import PartialResults, atomic_write_json, atomic_write_text, writ
 class ModelConfig:
     name: str | None = field(
         default="tiny-shakespeare",
-        metadata={"help": "hub name, local folder, or an embedded model (tiny-shakespeare, tiny-math, tiny-math-r2ft)"},
+        metadata={"help": "hub name, local folder, an embedded model (tiny-shakespeare, tiny-math, tiny-math-r2ft) "
+                          "or smollm2-135m-instruct (AR; optional extra)"},
     )
     family: str = field(
         default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"], "help": "model family"}
@@ -311,6 +312,16 @@ def prepare_output(recipe: GenerateRecipe, dist: Dist) -> set[str]:
     return done
 
 
+def check_model_decoder(recipe: GenerateRecipe) -> None:
+    """Refuse a decoder that cannot apply to the model's family (a diffusion decoder on an AR model,
+    nucleus on a diffusion model) before the model is loaded, where the family can be told cheaply."""
+    from difflm.decoding.config import check_method_family
+    from difflm.models.loading import DEFAULT_MODEL, known_family
+
+    name = recipe.model.name or DEFAULT_MODEL
+    check_method_family(recipe.decode.method, known_family(name, recipe.model.family), name)
+
+
 def load_recipe_model(m: ModelConfig, dist: Dist | None = None):
     """Load the recipe's model; under a launcher each rank takes its own GPU (cuda:LOCAL_RANK)."""
     from difflm.models import load_model
@@ -352,6 +363,8 @@ def run_generate(
         raise ConfigError("item ids are not unique", key="data")
     if dist.world > 1 and not recipe.output:
         raise ConfigError("a multi-process run needs --output (ranks merge through it)", key="output")
+    if model is None:
+        check_model_decoder(recipe)  # before any file is written or the model loaded
     done = prepare_output(recipe, dist) if recipe.output else set()
     todo = [it for it in items if str(it["id"]) not in done]
     mine = todo[dist.rank :: dist.world]

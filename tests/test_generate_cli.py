@@ -179,3 +179,21 @@ def test_nucleus_reference_answers_from_an_ar_model(tmp_path):
     assert all(0 <= r["content_tokens"] <= 12 and r["nfe"] <= 12 for r in outs[0])
     man = json.loads((tmp_path / "a.json.manifest.json").read_text())
     assert man["family"] == "ar" and man["decode"]["method"] == "nucleus"
+
+
+def test_decoder_and_model_family_must_match(tiny_llada_dir, tmp_path, monkeypatch):
+    """A diffusion decoder on an AR model, or nucleus on a diffusion model: one line, exit 2, before loading."""
+    import difflm.generation as generation
+    from difflm.testing import build_tiny_ar
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generation, "load_recipe_model", no_load)
+    ar = build_tiny_ar(tmp_path / "ar")
+    for model, decode, words in ((ar, "llada", ("autoregressive", "nucleus")), (tiny_llada_dir, "nucleus", ("diffusion",))):
+        res = runner.invoke(app, ["generate", "-m", str(model), "--decode", decode, "-p", "Hi", "-q"])
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: decode.method:") and "Traceback" not in res.output
+        assert all(w in lines[0] for w in words), lines[0]

