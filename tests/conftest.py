@@ -1,6 +1,7 @@
 """Shared pytest fixtures: tiny checkpoints built once per session (each in well under a second)."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,31 @@ def tiny_native_llada_dir(tmp_path_factory) -> Path:
     from difflm.testing import build_tiny_native_llada
 
     return build_tiny_native_llada(tmp_path_factory.mktemp("tiny_native_llada"))
+
+
+# -- AlpacaEval without an API: a fake judge (tests/test_eval_alpaca.py, tests/test_smollm2.py) -------------
+_OUTPUTS = re.compile(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', re.S)
+
+
+def _fake_openai_completions(prompts, model_name, **kwargs):
+    """A judge that prefers the longer output (answers 'm' for output_1, 'M' for output_2, with logprobs)."""
+    comps = []
+    for p in prompts:
+        outs = dict(_OUTPUTS.findall(p))
+        best = "m" if len(outs["m"]) > len(outs["M"]) else "M"
+        other = "M" if best == "m" else "m"
+        top = [{"token": best, "logprob": 0.0}, {"token": other, "logprob": -30.0}]
+        comps.append({"text": best, "total_tokens": 1, "logprobs": {"content": [{"token": best, "logprob": 0.0,
+                                                                                  "top_logprobs": top}]}})
+    n = len(prompts)
+    return {"completions": [c["text"] for c in comps], "completions_all": comps,
+            "price_per_example": [0.0] * n, "time_per_example": [0.0] * n}
+
+
+@pytest.fixture
+def fake_judge(monkeypatch):
+    """alpaca_eval's OpenAI judge replaced by `_fake_openai_completions` (no network, no key)."""
+    import alpaca_eval.decoders.openai as openai_decoder
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    monkeypatch.setattr(openai_decoder, "openai_completions", _fake_openai_completions)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -73,32 +72,6 @@ def test_check_judge_key_per_backend(tmp_path):
     check_judge_key("weighted_alpaca_eval_gpt4_turbo", {"OPENAI_CLIENT_CONFIG_PATH": str(cfg)})
     with pytest.raises(ConfigError, match="unknown alpaca_eval annotator"):
         check_judge_key("no_such_annotator", {})
-
-
-_OUTPUTS = re.compile(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', re.S)
-
-
-def _fake_openai_completions(prompts, model_name, **kwargs):
-    """A judge that prefers the longer output (answers 'm' for output_1, 'M' for output_2, with logprobs)."""
-    comps = []
-    for p in prompts:
-        outs = dict(_OUTPUTS.findall(p))
-        best = "m" if len(outs["m"]) > len(outs["M"]) else "M"
-        other = "M" if best == "m" else "m"
-        top = [{"token": best, "logprob": 0.0}, {"token": other, "logprob": -30.0}]
-        comps.append({"text": best, "total_tokens": 1, "logprobs": {"content": [{"token": best, "logprob": 0.0,
-                                                                                  "top_logprobs": top}]}})
-    n = len(prompts)
-    return {"completions": [c["text"] for c in comps], "completions_all": comps,
-            "price_per_example": [0.0] * n, "time_per_example": [0.0] * n}
-
-
-@pytest.fixture
-def fake_judge(monkeypatch):
-    import alpaca_eval.decoders.openai as openai_decoder
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
-    monkeypatch.setattr(openai_decoder, "openai_completions", _fake_openai_completions)
 
 
 def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
