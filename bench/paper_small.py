@@ -15,7 +15,7 @@ C. tiny-math accuracy and content tokens per NFE (EOS fill on) for categorical, 
 Scale: the embedded models were trained on 128-token chunks (Shakespeare) and 64-token rows (math), so
 L = 96 after a 24-token prompt here (the paper's L 256-1024 would put most positions beyond the trained
 context and confound the comparison). Held-out text: Julius Caesar, which tiny-shakespeare never saw.
-Results: OUT/RESULTS.md (tables), OUT/report/ (report.md, PNG plots). Reruns skip finished outputs.
+Results: OUT/RESULTS.md (tables), OUT/report-text/ and OUT/report-math/ (report.md, PNG plots). Reruns skip finished outputs.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     from difflm.models import load_model
 
     t_start = time.perf_counter()
+    reused = [p for p in out.glob("*/*.json") if Path(f"{p}.manifest.json").exists()]  # outputs a rerun skips
     n_text, n_math = (4, 10) if args.quick else (32, 200)
     tok = load_model("tiny-shakespeare", device="cpu").tokenizer
     text_items = out / "prompts-shakespeare.jsonl"
@@ -138,10 +139,15 @@ def main(argv=None) -> int:
             man = json.loads(Path(str(path) + ".manifest.json").read_text())
             math_rows.append((model, mname, acc["accuracy"], acc["stderr"], man["content_tokens_per_nfe"]))
 
-    report = build_report([out / "text", out / "math"], out / "report", title="difflm paper-small")
+    # one report per experiment, so each plot holds comparable runs (Shakespeare repetition; tiny-math accuracy)
+    reports = {
+        "report-text": build_report([out / "text"], out / "report-text", title="difflm paper-small A/B: tiny-shakespeare"),
+        "report-math": build_report([out / "math"], out / "report-math", title="difflm paper-small C: tiny-math"),
+    }
     lines = [f"# paper-small results ({'quick' if args.quick else 'full'} run)", "",
              f"Command: `python bench/paper_small.py --out {args.out}`; machine: CPU ({os.cpu_count()} cores); "
-             f"wall time {time.perf_counter() - t_start:.0f} s.", "",
+             f"wall time {time.perf_counter() - t_start:.0f} s"
+             + (f" ({len(reused)} runs reused from an earlier call)." if reused else "."), "",
              f"## A/B. tiny-shakespeare, gen_length {L_TEXT} after {PROMPT_TOKENS}-token held-out prompts ({n_text})", "",
              "| run | rep-2 | rep-4 | distinct-2 | rep-4 by distance from the prompt (bins of 24) |", "|---|---|---|---|---|"]
     for name, r2, r4, d2, curve in text_rows:
@@ -150,7 +156,8 @@ def main(argv=None) -> int:
               "| model | decoder | accuracy | +- | content tokens / NFE |", "|---|---|---|---|---|"]
     for model, mname, acc, se, tpn in math_rows:
         lines.append(f"| {model} | {mname} | {100 * acc:.1f}% | {100 * se:.1f} | {tpn:.2f} |")
-    lines += ["", f"Plots and per-run sources: `{out / 'report'}` ({', '.join(sorted(report['files']))})."]
+    for sub, report in reports.items():
+        lines += ["", f"Plots and per-run sources: `{out / sub}` ({', '.join(sorted(report['files']))})."]
     atomic_write_text(out / "RESULTS.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

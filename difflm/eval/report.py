@@ -281,8 +281,9 @@ def plot_repetition_vs_position(rows: list[dict], path: Path) -> bool:
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, c in curves:
-        ax.plot([(b["start"] + b["end"]) / 2 for b in c], [b["rate"] for b in c], marker=".", label=label)
+    for i, (label, c) in enumerate(curves):  # 10 colours, then the next line style: no two curves look alike
+        ax.plot([(b["start"] + b["end"]) / 2 for b in c], [b["rate"] for b in c], marker=".", label=label,
+                color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
     ax.set_xlabel("position after the prompt (bin centre, tokens)")
     ns = sorted({str(r.get("position_n")) for r in rows if r.get("position_n")})
     ax.set_ylabel(f"repeated {'/'.join(ns) or 'n'}-gram rate")
