@@ -310,6 +310,7 @@ def plot_tokens_per_nfe(rows: list[dict], path: Path) -> bool:
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="AR decoding (1 token per pass)")
     ax.set_xticks(range(len(pts)), [p[0] for p in pts], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("content tokens per forward pass")
+    ax.set_ylim(0, 1.25 * max([p[1] for p in pts] + [1.0]))  # room for the labels above the bars and the legend
     devices = sorted({str(p[3]) for p in pts if p[3]})
     if devices:
         ax.set_title("device: " + "; ".join(devices), fontsize=8)
