@@ -557,3 +557,89 @@ def test_diffusionlm_asks_for_the_generated_positions_only(tiny_native_llada_dir
         a = generate(m, prompt, cfg)  # DiffusionLM: logits_to_keep
         b = generate(m.module, prompt, cfg, mask_id=m.ids.mask_id, eos_id=m.ids.eos_id)  # bare module: sliced
         assert torch.equal(a.sequences, b.sequences), method
+
+
+# -- nucleus (AR reference decoding) -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ar64(tmp_path_factory):
+    """The tiny causal Llama in float64: batch-vs-single (padded) kernel paths differ only in the last bits
+    (~1e-15), so a sampled token could flip only if a row's uniform draw lands within ~1e-12 of a CDF
+    boundary, and a greedy token only if its top-1/top-2 margin is that small (astronomically unlikely)."""
+    from difflm.models import load_model
+    from difflm.testing import build_tiny_ar
+
+    return load_model(str(build_tiny_ar(tmp_path_factory.mktemp("ar"))), dtype=torch.float64, device="cpu")
+
+
+def _left_pad(prompts, pad_id):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _nucleus_rows(model, prompts, seeds, **kw):
+    """The generated tokens of each row of one batched nucleus run (left padding), as lists."""
+    cfg = DecodeConfig(method="nucleus", gen_length=12, **kw)
+    ids, mask = _left_pad(prompts, model.ids.pad_id)
+    out = generate(model, ids, cfg, attention_mask=mask, row_seeds=seeds)
+    assert out.prompt_length == ids.shape[1] and out.sequences.shape == (len(prompts), ids.shape[1] + 12)
+    assert 1 <= out.nfe <= 12 and out.row_passes == out.nfe * len(prompts)
+    return [r.tolist() for r in out.sequences[:, ids.shape[1]:]], out
+
+
+def test_nucleus_row_depends_only_on_its_own_seed_and_prompt(tiny_ar64):
+    """The same prompt and seed give the same sample alone, at every position of a batch of 3, and next to
+    prompts of other lengths (left padding); transformers' generate seeded one global RNG per batch."""
+    m = tiny_ar64
+    p, s = [10, 11, 12, 13], 1234
+    others = [[20, 21], [30, 31, 32, 33, 34, 35, 36]]  # shorter and longer: p is left-padded or pads others
+    kw = dict(temperature=1.0, top_p=0.9)
+    (alone,), _ = _nucleus_rows(m, [p], [s], **kw)
+    for pos in range(3):
+        prompts, seeds = list(others), [7, 8]
+        prompts.insert(pos, p)
+        seeds.insert(pos, s)
+        rows, _ = _nucleus_rows(m, prompts, seeds, **kw)
+        assert rows[pos] == alone, pos
+    same, _ = _nucleus_rows(m, [p, p, p], [s, s + 1, s + 2], **kw)  # identical prompts in one batch
+    assert same[0] == alone and len({tuple(r) for r in same}) == 3  # different seeds -> different samples
+    again, _ = _nucleus_rows(m, [p], [s], **kw)
+    assert again[0] == alone  # reproducible
+
+
+def test_nucleus_samples_from_the_nucleus_and_temperature_zero_is_greedy(tiny_ar64):
+    """Greedy (temperature 0, or top_p 0) equals an independent uncached argmax loop; a sampled token always
+    lies in the top-p nucleus of its step's temperature-scaled distribution (full, uncached forward)."""
+    m = tiny_ar64
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44, 45]]
+
+    def reference_step(prefix):
+        with torch.no_grad():
+            return m.module(input_ids=torch.tensor([prefix])).logits[0, -1]
+
+    greedy, _ = _nucleus_rows(m, prompts, [1, 2], temperature=0.0)
+    top_p0, _ = _nucleus_rows(m, prompts, [3, 4], temperature=1.0, top_p=0.0)  # the nucleus is one token
+    for p, g, t in zip(prompts, greedy, top_p0):
+        prefix, expected = list(p), []
+        for _ in range(12):
+            tok = int(reference_step(prefix).argmax())
+            expected.append(tok)
+            prefix.append(tok)
+            if tok in (m.ids.eos_id, m.ids.eot_id):
+                break
+        expected += [m.ids.eos_id] * (12 - len(expected))
+        assert g == expected and t == expected
+    temperature, top_p = 0.7, 0.5
+    rows, _ = _nucleus_rows(m, prompts, [5, 6], temperature=temperature, top_p=top_p)
+    for p, r in zip(prompts, rows):
+        prefix = list(p)
+        for tok in r:
+            probs = (reference_step(prefix) / temperature).softmax(-1)
+            order = probs.argsort(descending=True)
+            mass_before = probs[order].cumsum(0) - probs[order]
+            nucleus = set(order[mass_before < top_p].tolist())
+            assert tok in nucleus
+            prefix.append(tok)
+            if tok in (m.ids.eos_id, m.ids.eot_id):
+                break

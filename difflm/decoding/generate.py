@@ -9,6 +9,7 @@ from its own generator, so a row's output depends only on its seed, prompt and s
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -341,33 +342,67 @@ class _Decoder:
 
 
 def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eot_id, row_seeds) -> GenerateOutput:
-    """Autoregressive nucleus sampling through transformers' `generate` (reference answers).
+    """Autoregressive nucleus sampling (reference answers) with one torch.Generator per row.
 
-    transformers samples from torch's global RNG: it is seeded from the first row's seed inside a forked
-    RNG state, so outputs are reproducible for the same batch, and the caller's RNG is left untouched.
+    A small KV-cached loop instead of transformers' `generate`, which samples every row from torch's one
+    global RNG (a row's tokens then change with its batch and position). Temperature and top-p come from
+    transformers' own logits warpers; each step draws one uniform per row from that row's generator and
+    inverts the row's CDF, so a row's tokens depend only on its seed, prompt and settings (up to the last
+    bits of the logits, which differ between batch and single kernel paths). Temperature 0 is greedy.
+    Left padding is handled with position ids from the attention mask, as `generate` does. A row stops at
+    EOS/EOT (the rest becomes EOS); the loop stops when every row has stopped. nfe counts forward passes.
     """
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
     module = getattr(model, "module", model)
-    ids = getattr(model, "ids", None)
-    pad_id = getattr(ids, "pad_id", None)
-    pad_id = eos_id if pad_id is None else pad_id
+    stop_ids = [eos_id] + ([eot_id] if eot_id is not None else [])
     temperature = cfg.effective_temperature()
     device = input_ids.device
-    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    kwargs = dict(max_new_tokens=cfg.gen_length, pad_token_id=pad_id, eos_token_id=[eos_id] + ([eot_id] if eot_id is not None else []))
+    bsz, plen = input_ids.shape
+    warpers = LogitsProcessorList()
     if temperature > 0:
-        kwargs.update(do_sample=True, top_p=cfg.top_p, temperature=temperature, top_k=0)
-    else:
-        kwargs.update(do_sample=False)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(row_seeds[0]))
-        out = module.generate(input_ids=input_ids, attention_mask=am, **kwargs)
-    plen = input_ids.shape[1]
-    gen = out[:, plen:]
-    nfe = gen.shape[1]
+        warpers.append(TemperatureLogitsWarper(temperature))
+        if cfg.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(cfg.top_p))
+    gens = _generators(row_seeds, device)
+    stops = torch.tensor(stop_ids, device=device)
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+    seq, step_ids, past = input_ids, input_ids, None
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    nfe = 0
+    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft wraps the model
+    cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    for _ in range(cfg.gen_length):
+        cache_kw = {} if past is None else {cache_key: past}
+        out = module(input_ids=step_ids, attention_mask=am, position_ids=position_ids, use_cache=True, **cache_kw)
+        nfe += 1
+        past = getattr(out, "cache", None)
+        past = out.past_key_values if past is None else past
+        logits = out.logits[:, -1, :]
+        # sample in at least float32, in the model's precision when it is higher (float64 in tests)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature > 0:
+            probs = warpers(seq, logits).softmax(-1)
+            cdf = probs.cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=g, device=device, dtype=cdf.dtype) for g in gens])
+            nxt = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+            nxt = nxt.clamp(max=cdf.shape[1] - 1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        done = done | torch.isin(nxt, stops)
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        position_ids = position_ids[:, -1:] + 1
+    gen = seq[:, plen:]
     if gen.shape[1] < cfg.gen_length:
-        pad = torch.full((gen.shape[0], cfg.gen_length - gen.shape[1]), eos_id, dtype=gen.dtype, device=gen.device)
+        pad = torch.full((bsz, cfg.gen_length - gen.shape[1]), eos_id, dtype=gen.dtype, device=gen.device)
         gen = torch.cat([gen, pad], 1)
-    gen = S.eos_fill(gen, -1, [eos_id] + ([eot_id] if eot_id is not None else []), eos_id)
+    gen = S.eos_fill(gen, -1, stop_ids, eos_id)
     seq = torch.cat([input_ids, gen], 1)
-    return GenerateOutput(seq, nfe, plen, torch.zeros(seq.shape[0], dtype=torch.long, device=device), nfe, nfe * seq.shape[0])
+    return GenerateOutput(seq, nfe, plen, torch.zeros(bsz, dtype=torch.long, device=device), nfe, nfe * bsz)
