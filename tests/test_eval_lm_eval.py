@@ -125,3 +125,69 @@ def test_module_cli_runs_lm_eval(tiny_llada_dir, in_repo, monkeypatch, tmp_path,
     out = capsys.readouterr().out
     assert "difflm_tiny_gen" in out and "difflm_tiny_choice" in out and "exact_match" in out
     assert list((tmp_path / "lm_eval_out").rglob("results_*.json"))
+
+
+# -- registry: lm-eval's own models stay available; the tasks run from any directory --------------------
+def _subprocess_env():
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+REGISTRY_SCRIPT = r"""
+import json, sys
+import difflm.eval.lm_eval_model  # registers difflm: lm-eval's own models must stay registered
+import lm_eval
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+
+ar, llada, tasks = sys.argv[1:4]
+tm = TaskManager(include_path=tasks, include_defaults=False)
+names = ["difflm_tiny_gen", "difflm_tiny_choice"]
+out = {"dummy": get_model("dummy").__name__}
+for model, args in (("hf", {"pretrained": ar, "dtype": "float32"}),
+                    ("difflm", {"pretrained": llada, "steps": 4, "gen_length": 8, "mc_num": 2})):
+    res = lm_eval.simple_evaluate(model=model, model_args=args, tasks=names, task_manager=tm, limit=2,
+                                  batch_size=1, device="cpu", bootstrap_iters=0)
+    out[model] = {t: sorted(res["results"][t]) for t in names}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_lm_eval_builtin_models_stay_registered(tiny_llada_dir, tmp_path):
+    """Importing difflm's module, then `hf` (a baseline) and `difflm` in one process, from another cwd.
+    Registering difflm into lm-eval's empty lazy registry used to hide hf, dummy, vllm, ... (a fresh
+    process: in this one another test may have filled the registry already)."""
+    import json
+    import subprocess
+
+    from difflm.testing import build_tiny_ar
+
+    ar = build_tiny_ar(tmp_path / "ar")  # a causal LM folder with its tokenizer
+    proc = subprocess.run([sys.executable, "-c", REGISTRY_SCRIPT, str(ar), str(tiny_llada_dir), str(TASKS)],
+                          cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    out = json.loads(line[len("RESULT "):])
+    assert out["dummy"] == "DummyLM"
+    for model in ("hf", "difflm"):
+        assert "exact_match,none" in out[model]["difflm_tiny_gen"], out
+        assert "acc,none" in out[model]["difflm_tiny_choice"], out
+
+
+def test_module_cli_runs_the_fixture_tasks_from_any_cwd(tiny_llada_dir, tmp_path):
+    """The README's command (`python -m difflm.eval.lm_eval_model`, the same `main` as the
+    `difflm-lm-eval` console script) from a directory outside the repo: the task YAMLs find their data
+    next to themselves, not relative to the working directory."""
+    import subprocess
+
+    args = ["--model", "difflm", "--model_args", f"pretrained={tiny_llada_dir},steps=4,gen_length=8,mc_num=2",
+            "--include_path", str(TASKS), "--tasks", "difflm_tiny_gen,difflm_tiny_choice", "--limit", "2",
+            "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "difflm.eval.lm_eval_model", *args], cwd=tmp_path,
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "difflm_tiny_gen" in proc.stdout and "difflm_tiny_choice" in proc.stdout and "exact_match" in proc.stdout
+    assert list((tmp_path / "out").rglob("results_*.json"))

@@ -1,14 +1,17 @@
 """The `difflm` model for EleutherAI's lm-evaluation-harness (lm-eval 0.4.x).
 
-Importing this module registers the model name ``difflm`` with lm-eval. lm-eval 0.4 has no plugin
-entry point for models, so its own ``lm_eval`` command cannot see it; run lm-eval through this module
-instead (same arguments as ``lm_eval``)::
+Importing this module registers the model name ``difflm`` with lm-eval, next to lm-eval's own models
+(``hf``, ``vllm``, ``dummy``, ...: a baseline can run in the same process). lm-eval 0.4 has no plugin
+entry point for models, so its own ``lm_eval`` command cannot see it; run lm-eval through the
+``difflm-lm-eval`` console script (installed with difflm) or this module instead, with the same
+arguments as ``lm_eval``::
 
-    python -m difflm.eval.lm_eval_model --model difflm \\
+    difflm-lm-eval --model difflm \\
         --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,dtype=bfloat16,decode=conv,steps=64,gen_length=512,kernel_size=128,top_k=1 \\
         --tasks gsm8k --batch_size 8
 
-    # offline smoke test on the tiny task shipped with the tests (from the repo root)
+    # the same without the console script; offline smoke test on the tiny tasks shipped with the tests
+    # (the tasks find their data next to their YAML: any working directory, given the --include_path)
     python -m difflm.eval.lm_eval_model --model difflm --model_args pretrained=DIR,steps=8,gen_length=16,mc_num=8 \\
         --include_path tests/fixtures/eval/lm_eval --tasks difflm_tiny_gen,difflm_tiny_choice --limit 3
 
@@ -252,7 +255,13 @@ def register() -> None:
     """Register the name ``difflm`` with lm-eval's model registry (idempotent; runs on import).
 
     A lazy "module:Class" placeholder, so that ``python -m difflm.eval.lm_eval_model`` (where this file
-    runs as ``__main__``) and a normal import resolve to the same class."""
+    runs as ``__main__``) and a normal import resolve to the same class.
+
+    lm-eval fills its registry with its own models (``hf``, ``vllm``, ``dummy``, ... as lazy placeholders)
+    only when `get_model` finds the registry empty; registering ``difflm`` first would leave it non-empty
+    and hide them all. So ``lm_eval.models`` (cheap: it imports no model code) registers them first."""
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own models)
+
     if "difflm" not in model_registry:
         model_registry.register("difflm", target="difflm.eval.lm_eval_model:DifflmLM")
 
