@@ -127,6 +127,53 @@ def test_module_cli_runs_lm_eval(tiny_llada_dir, in_repo, monkeypatch, tmp_path,
     assert list((tmp_path / "lm_eval_out").rglob("results_*.json"))
 
 
+# -- repeats: the k-th identical request gets its own seed ---------------------------------------------
+SAMPLING_ARGS = {**TINY_ARGS, "decode": "conv", "temperature": 1.0}
+
+
+def _repeat_samples(tiny_llada_dir, **kwargs):
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    res = lm_eval.simple_evaluate(
+        model="difflm", model_args={"pretrained": str(tiny_llada_dir), **SAMPLING_ARGS},
+        tasks=["difflm_tiny_repeats"], task_manager=tm, limit=3, batch_size=3, bootstrap_iters=0,
+        log_samples=True, **kwargs,
+    )
+    samples = sorted(res["samples"]["difflm_tiny_repeats"], key=lambda s: s["doc_id"])
+    return [list(s["resps"][0]) for s in samples]  # one request per doc, its 4 responses
+
+
+def test_repeated_requests_are_sampled_independently(tiny_llada_dir, monkeypatch, tmp_path):
+    """`repeats: 4` + sampling (self-consistency, pass@k): lm-eval sends the same request 4 times; seeding
+    from (seed, context) alone made the 4 samples identical, so maj@k / pass@k scored one sample."""
+    import lm_eval.caching.cache as request_cache
+
+    monkeypatch.setattr(request_cache, "PATH", str(tmp_path / "request_cache"))  # cache_requests' folder
+    first = _repeat_samples(tiny_llada_dir)
+    assert len(first) == 3 and all(len(doc) == 4 for doc in first)
+    for doc in first:
+        assert len(set(doc)) > 1, doc  # the 4 samples of a doc are not all equal
+    assert _repeat_samples(tiny_llada_dir) == first  # deterministic across runs
+    # lm-eval's response cache (use_cache) and request cache (cache_requests), written then read back,
+    # give the same 4 samples per doc
+    for _ in range(2):
+        cached = _repeat_samples(tiny_llada_dir, use_cache=str(tmp_path / "responses"), cache_requests=True)
+        assert cached == first
+    assert list((tmp_path / "request_cache").iterdir())  # the request cache was really used
+
+
+def test_repeat_seeds_do_not_depend_on_order_or_batch(lm):
+    """The k-th copy of a request gets the k-th seed whatever its place; other requests are unaffected."""
+    sampling = lm_eval_model.DifflmLM(model=lm.model, batch_size=2, **SAMPLING_ARGS)
+    kw = {"until": ["Question:"], "max_gen_toks": 8, "do_sample": True}
+    a = Instance("generate_until", {}, ("Question: What is 1 + 2?\nAnswer:", kw), 0)
+    b = Instance("generate_until", {}, ("Question: Name a colour.\nAnswer:", kw), 1)
+    outs = sampling.generate_until([a, a, b, a])
+    mixed = sampling.generate_until([b, a, a, a])
+    assert sorted(outs[:2] + outs[3:]) == sorted(mixed[1:]) and outs[2] == mixed[0]
+    assert sampling.generate_until([a])[0] in outs  # the first copy keeps the plain (seed, context) seed
+    assert len({outs[0], outs[1], outs[3]}) > 1
+
+
 # -- registry: lm-eval's own models stay available; the tasks run from any directory --------------------
 def _subprocess_env():
     import os

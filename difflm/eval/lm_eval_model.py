@@ -25,7 +25,13 @@ model_args:
   (``steps``, ``gen_length``, ``block_length``, ``kernel_size``, ``top_k``, ``temperature``, ...).
   ``gen_length`` defaults to the task's ``max_gen_toks``. Other generation kwargs of a task
   (``do_sample``, ``temperature``) are ignored: decoding is what model_args say. Outputs are cut at the
-  first EOS/EOT (by id) and then at the first of the task's ``until`` strings.
+  first EOS/EOT (by id) and then at the first of the task's ``until`` strings. Each request's noise is
+  seeded from (``seed``, context); the k-th identical request of a call (a task with ``repeats: N``,
+  e.g. self-consistency or pass@k, sends each request N times) from (``seed``, context, k), so with a
+  sampling decode the N samples differ and are still the same on every run. lm-eval's response cache
+  (``use_cache``) keeps one answer per distinct request unless the task's generation kwargs say
+  ``do_sample: true`` (as the repeats tasks do): with ``use_cache``, a repeats task without it would get
+  one cached sample N times.
   likelihood (loglikelihood requests): ``mc_num`` (Monte-Carlo samples, default 128 as LLaDA),
   ``mc_batch_size`` (samples per forward pass, default 32), ``check_greedy`` (default True). The
   estimator is `difflm.eval.likelihood.mc_loglikelihood` (LLaDA's bound; formula there).
@@ -39,6 +45,7 @@ conditioned on BOS and the preceding tokens: it is a bound, not an exact log-lik
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -159,8 +166,17 @@ class DifflmLM(LM):
         results: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         prepared = []
+        seen: dict[str, int] = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
+            # lm-eval hands a task with `repeats: N` (self-consistency, pass@k) the same request N times:
+            # the k-th identical request gets its own seed (k = 0 keeps the plain context seed), so the N
+            # samples differ, yet stay the same across runs and batch orders (identical requests are
+            # interchangeable, so which of them gets which k does not matter).
+            args_key = json.dumps([context, gen_kwargs], sort_keys=True, default=str)
+            repeat = seen.get(args_key, 0)
+            seen[args_key] = repeat + 1
+            seed_key = context if repeat == 0 else f"{context}\x1frepeat:{repeat}"
             gen_kwargs = dict(gen_kwargs or {})
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
@@ -171,7 +187,7 @@ class DifflmLM(LM):
                 ids = ids[-keep:]
             if not ids:
                 ids = [self.model.ids.bos_id if self.model.ids.bos_id is not None else self.model.ids.eos_id]
-            prepared.append((context, gen_kwargs, until, ids))
+            prepared.append((context, gen_kwargs, until, ids, seed_key))
             groups.setdefault(tuple(sorted(dataclasses.asdict(cfg).items())), []).append(i)
         pad = self.model.ids.pad_id if self.model.ids.pad_id is not None else self.model.ids.eos_id
         for key, idxs in groups.items():
@@ -182,7 +198,7 @@ class DifflmLM(LM):
                 plen = max(len(prepared[j][3]) for j in batch)
                 x = torch.tensor([[pad] * (plen - len(prepared[j][3])) + prepared[j][3] for j in batch])
                 am = torch.tensor([[0] * (plen - len(prepared[j][3])) + [1] * len(prepared[j][3]) for j in batch])
-                seeds = [item_seed(cfg.seed, prepared[j][0]) for j in batch]
+                seeds = [item_seed(cfg.seed, prepared[j][4]) for j in batch]
                 out = generate(self.model, x.to(self.model.device), cfg, attention_mask=am.to(self.model.device),
                                row_seeds=seeds)
                 for row, j in enumerate(batch):
