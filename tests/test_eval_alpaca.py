@@ -110,3 +110,42 @@ def test_eval_alpaca_rejects_unrelated_files(tmp_path, fake_judge):
     other.write_text(json.dumps([{"instruction": "something else", "output": "x", "generator": "g"}]))
     res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(other), "--reference", str(REFERENCE)])
     assert res.exit_code == 2 and "share no instruction" in res.stderr
+
+
+def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, monkeypatch):
+    """The second `difflm eval alpaca` over the same outputs reads the judge's cached annotations: it used to
+    crash (alpaca_eval 0.6.6 reads whole-number preferences back as int64, then sets draws to 1.5, which
+    pandas 3 refuses). Now it gives the same summary without asking the judge again."""
+    import alpaca_eval.decoders.openai as openai_decoder
+
+    judge, judged = openai_decoder.openai_completions, []
+
+    def counting_judge(prompts, *args, **kwargs):
+        judged.append(len(prompts))
+        return judge(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(openai_decoder, "openai_completions", counting_judge)
+    ref = json.loads(REFERENCE.read_text())
+    mine = [dict(r, id=f"alpaca_eval-{i}", generator="mine", output=(r["output"] + " and more") if i < 3 else "short")
+            for i, r in enumerate(ref)]
+    out = tmp_path / "mine.json"
+    out.write_text(json.dumps(mine))
+    summaries = []
+    for _ in range(2):
+        res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(out), "--reference", str(REFERENCE)],
+                            terminal_width=200)
+        assert res.exit_code == 0, res.output
+        summaries.append(json.loads((tmp_path / "mine.json.alpaca.json").read_text()))
+    assert sum(judged) == 5  # all 5 pairs judged in the first run, none in the second (cache)
+    first, second = summaries
+    assert first["n_total"] == second["n_total"] == 5 and first["n_wins"] == second["n_wins"] == 3
+    assert second["win_rate"] == pytest.approx(first["win_rate"]) and first["win_rate"] == pytest.approx(60.0)
+    # a draw (identical outputs) next to the cached whole-number preferences: judged as 1.5 without the judge
+    mine[4]["output"] = ref[4]["output"]
+    out.write_text(json.dumps(mine))
+    res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(out), "--reference", str(REFERENCE)],
+                        terminal_width=200)
+    assert res.exit_code == 0, res.output
+    third = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
+    assert third["n_draws"] == 1 and third["n_wins"] == 3 and third["win_rate"] == pytest.approx(70.0)
+    assert sum(judged) == 5

@@ -178,6 +178,31 @@ def _lc_metrics(annotations, n_total: int, full_set: bool) -> dict[str, Any]:
     }
 
 
+def _annotator_class():
+    """alpaca_eval's `PairwiseAnnotator`, reading its annotation cache with a float preference column.
+
+    Why: the cache is a JSON file that alpaca_eval reads back with `pd.read_json`, which turns a column of
+    whole numbers (preferences 1.0 / 2.0, as a discrete judge or clear logprobs give) into int64. Its
+    `_preprocess` then sets draws (identical outputs) with ``df.loc[same, "preference"] = 1.5``: pandas 2
+    upcast with a FutureWarning, pandas 3 raises "Invalid value '1.5' for dtype 'int64'", so every rerun
+    over cached annotations crashed. A work-around here rather than a pandas<3 pin: it touches only the
+    loaded cache (`evaluate` takes the annotator class as a parameter: no patching of alpaca_eval), and
+    keeps the rest of the environment (lm-eval, datasets) on the pandas it has.
+    """
+    import pandas as pd
+    from alpaca_eval.annotators import PairwiseAnnotator
+
+    class _CachedFloatPreferenceAnnotator(PairwiseAnnotator):
+        def load_(self, path=None):
+            super().load_(path)
+            df = self.df_annotations
+            key = self.annotation_key
+            if df is not None and key in df.columns and pd.api.types.is_integer_dtype(df[key]):
+                self.df_annotations = df.astype({key: "float64"})
+
+    return _CachedFloatPreferenceAnnotator
+
+
 def _jsonable(v: Any) -> Any:
     """numpy scalars -> Python; NaN (pandas' empty cell) -> None."""
     if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
@@ -234,6 +259,7 @@ def evaluate_files(
         on_progress(f"judging {n_pairs} pairs with {annotator}")
     kwargs = dict(annotator_kwargs or {})
     kwargs.setdefault("caching_path", str(out_dir / "annotations_cache.json"))
+    kwargs.setdefault("Annotator", _annotator_class())  # reruns over the cache (see _annotator_class)
     leaderboard, _ = alpaca_eval.evaluate(
         model_outputs=model_df,
         reference_outputs=ref_df,
