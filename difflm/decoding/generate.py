@@ -373,10 +373,13 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
     nfe = 0
     # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name goes in 5.40)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft wraps the model
-    cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    params = inspect.signature(base.forward).parameters
+    cache_key = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # not [B, P, V] prompt logits
     for _ in range(cfg.gen_length):
         cache_kw = {} if past is None else {cache_key: past}
-        out = module(input_ids=step_ids, attention_mask=am, position_ids=position_ids, use_cache=True, **cache_kw)
+        out = module(input_ids=step_ids, attention_mask=am, position_ids=position_ids, use_cache=True,
+                     **cache_kw, **extra)
         nfe += 1
         past = getattr(out, "cache", None)
         past = out.past_key_values if past is None else past
