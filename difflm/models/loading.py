@@ -491,6 +491,33 @@ def _check_adapter(adapter: str | os.PathLike) -> str:
     return name
 
 
+def check_finite(module: nn.Module, name: str = "model", only: str | None = None, what: str = "model") -> None:
+    """Raise ConfigError naming the first floating-point parameter or buffer holding NaN or inf.
+
+    A corrupted download or a diverged checkpoint otherwise loads fine and fails far later, or is
+    misreported (a NaN forward looks like a causal model to `check_bidirectional`). One
+    `torch.isfinite(t).all()` per tensor; integer (quantized) and meta tensors are skipped. `only`
+    restricts the check to tensors whose name contains it (the LoRA weights of an adapter).
+    """
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    for tensor_name, t in tensors:
+        if only is not None and only not in tensor_name:
+            continue
+        if not t.is_floating_point() or t.is_meta or t.numel() == 0:
+            continue
+        try:
+            finite = bool(torch.isfinite(t).all())
+        except (RuntimeError, NotImplementedError):  # a dtype without isfinite (e.g. float8 on some builds)
+            continue
+        if not finite:
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ConfigError(
+                f"{name}: tensor {tensor_name} holds {bad} values (a corrupted or diverged checkpoint); "
+                "all weights must be finite",
+                key=what,
+            )
+
+
 def _load_adapter(module: nn.Module, adapter: str) -> nn.Module:
     """peft LoRA weights on top of `module` (inference: is_trainable=False, eval mode)."""
     from peft import PeftModel
@@ -666,6 +693,7 @@ def load_model(
     with _hub_errors(name):
         module = _load_module(family, source, config, kwargs, trust_remote_code)
     module.eval()
+    check_finite(module, name)
     if gguf is not None:  # no config.json: the config transformers built from the GGUF metadata
         config = module.config.to_dict()
 
@@ -679,6 +707,7 @@ def load_model(
     ids = resolve_ids(family, config, tok, vocab_size)
     if adapter is not None:
         module = _load_adapter(module, adapter)
+        check_finite(module, adapter, only="lora_", what="adapter")
     return DiffusionLM(
         module,
         family,
