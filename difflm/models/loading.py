@@ -522,8 +522,20 @@ def _load_adapter(module: nn.Module, adapter: str) -> nn.Module:
     """peft LoRA weights on top of `module` (inference: is_trainable=False, eval mode)."""
     from peft import PeftModel
 
-    with _hub_errors(adapter, "adapter"):
-        module = PeftModel.from_pretrained(module, adapter, is_trainable=False)
+    from safetensors import SafetensorError
+
+    try:
+        with _hub_errors(adapter, "adapter"):
+            module = PeftModel.from_pretrained(module, adapter, is_trainable=False)
+    except SafetensorError as err:  # a truncated or corrupted adapter_model.safetensors
+        raise ConfigError(f"cannot read adapter {adapter!r} (corrupted weights file?): {_first_line(err)}",
+                          key="adapter") from None
+    except RuntimeError as err:
+        mismatch = re.search(r"size mismatch for [^:]+: .*?current model is torch\.Size\(\[[^\]]*\]\)", str(err))
+        if mismatch is None:
+            raise
+        raise ConfigError(f"adapter {adapter!r} does not fit this base model (made for another one?): "
+                          f"{mismatch.group(0)}", key="adapter") from None
     module.eval()
     return module
 
