@@ -649,3 +649,34 @@ def test_non_finite_adapter_weights_are_named(tiny_native_llada_dir, tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         load_model(str(tiny_native_llada_dir), dtype="float32", adapter=str(tmp_path / "adapter"))
     _one_line_config_error(excinfo, "adapter", "lora_B", "inf")
+
+
+def test_check_finite_reads_parameters_and_loaded_buffers_only():
+    from difflm.models.loading import check_finite
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    m[1].register_buffer("causal_mask", torch.full((2,), float("-inf")), persistent=False)  # computed, not loaded
+    m[1].register_buffer("steps", torch.zeros(2, dtype=torch.long))
+    check_finite(m)
+    m[1].running_var[1] = float("nan")  # a persistent (saved and loaded) buffer
+    with pytest.raises(ConfigError, match=r"tensor 1\.running_var holds NaN"):
+        check_finite(m, "m")
+    m[1].running_var[1] = 1.0
+    with torch.no_grad():
+        m[0].bias[0] = float("-inf")
+    with pytest.raises(ConfigError, match=r"tensor 0\.bias holds inf"):
+        check_finite(m, "m")
+
+
+def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
+    from difflm.models.loading import check_finite
+
+    m = torch.nn.Linear(256, 256).half()
+    with torch.no_grad():
+        m.weight.fill_(60000.0)  # finite, but its fp16 sum overflows to inf
+    assert not torch.isfinite(m.weight.sum())
+    check_finite(m)
+    with torch.no_grad():
+        m.weight[5, 7] = float("nan")
+    with pytest.raises(ConfigError, match=r"tensor weight holds NaN"):
+        check_finite(m)

@@ -496,18 +496,30 @@ def check_finite(module: nn.Module, name: str = "model", only: str | None = None
 
     A corrupted download or a diverged checkpoint otherwise loads fine and fails far later, or is
     misreported (a NaN forward looks like a causal model to `check_bidirectional`). One
-    `torch.isfinite(t).all()` per tensor; integer (quantized) and meta tensors are skipped. `only`
+    `torch.isfinite(t).all()` per tensor; integer (quantized) and meta tensors are skipped, and so are
+    non-persistent buffers (computed at init, not loaded: e.g. an attention mask of -inf). `only`
     restricts the check to tensors whose name contains it (the LoRA weights of an adapter).
     """
-    tensors = [*module.named_parameters(), *module.named_buffers()]
+    tensors = list(module.named_parameters())
+    for prefix, sub in module.named_modules():
+        skip = getattr(sub, "_non_persistent_buffers_set", set())
+        tensors += [
+            (f"{prefix}.{n}" if prefix else n, b) for n, b in sub._buffers.items() if b is not None and n not in skip
+        ]
     for tensor_name, t in tensors:
         if only is not None and only not in tensor_name:
             continue
         if not t.is_floating_point() or t.is_meta or t.numel() == 0:
             continue
         try:
-            finite = bool(torch.isfinite(t).all())
-        except (RuntimeError, NotImplementedError):  # a dtype without isfinite (e.g. float8 on some builds)
+            # fast path: a NaN or inf anywhere makes the sum NaN or inf, and a finite sum means every element
+            # is finite (one reduction, ~30x faster than isfinite on CPU, no tensor-sized bool mask); a
+            # non-finite sum may also be an fp16 overflow, so it is confirmed element-wise, in chunks
+            t = t.detach()
+            finite = bool(torch.isfinite(t.sum())) or all(
+                bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 24)
+            )
+        except (RuntimeError, NotImplementedError):  # a dtype without sum/isfinite (e.g. float8 on some builds)
             continue
         if not finite:
             bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
