@@ -116,8 +116,8 @@ def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.rename(src, dst)
         _fsync_dir(dst.parent)
         return
-    if not dst.is_dir() or dst.is_symlink():
-        raise ConfigError(f"{dst} exists and is not a folder; not replacing it")
+    if dst.is_symlink() or not dst.is_dir():
+        raise ConfigError(f"{dst} is a {'link' if dst.is_symlink() else 'file'}, not a folder; not replacing it")
     stem = src.name[: -len(".tmp")] if src.name.endswith(".tmp") else src.name
     old = dst.with_name(stem + ".old")
     if old.exists():

@@ -197,7 +197,7 @@ def test_replace_directory_refuses_to_replace_a_file(tmp_path):
     from difflm.io import atomic_directory
 
     (tmp_path / "out").write_text("a file")
-    with pytest.raises(ConfigError, match="not a folder"):
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
         with atomic_directory(tmp_path / "out") as tmp:
             (tmp / "x").write_text("x")
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out").read_text() == "a file"

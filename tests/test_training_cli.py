@@ -246,3 +246,18 @@ def test_merge_refuses_to_write_over_its_own_adapter_or_base(runner, tiny_adapte
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and f"is the {what} folder" in lines[0], lines
         assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_merge_refuses_a_file_or_link_as_output_before_loading(runner, tmp_path):
+    # an adapter folder whose base does not exist: the output must be refused before any load is tried
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "%s"}' % (tmp_path / "nowhere"))
+    target = _existing_output(tmp_path / "t")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "file").write_text("x")
+    for out, kind in ((tmp_path / "link", "link"), (tmp_path / "file", "file")):
+        res = runner.invoke(app, ["merge", "--adapter", str(tmp_path), "-o", str(out), "--overwrite"])
+        assert res.exit_code == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is a {kind}" in lines[0], lines
+    _assert_untouched(target)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "file").read_text() == "x"

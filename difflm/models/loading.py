@@ -495,9 +495,10 @@ def check_finite(module: nn.Module, name: str = "model", only: str | None = None
     """Raise ConfigError naming the first floating-point parameter or buffer holding NaN or inf.
 
     A corrupted download or a diverged checkpoint otherwise loads fine and fails far later, or is
-    misreported (a NaN forward looks like a causal model to `check_bidirectional`). One
-    `torch.isfinite(t).all()` per tensor; integer (quantized) and meta tensors are skipped, and so are
-    non-persistent buffers (computed at init, not loaded: e.g. an attention mask of -inf). `only`
+    misreported (a NaN forward looks like a causal model to `check_bidirectional`). One sum per tensor
+    (an element-wise `torch.isfinite` only when the sum is not finite); integer (quantized) and meta
+    tensors are skipped, and so are non-persistent buffers (computed at init, not loaded: e.g. an
+    attention mask of -inf). `only`
     restricts the check to tensors whose name contains it (the LoRA weights of an adapter).
     """
     tensors = list(module.named_parameters())

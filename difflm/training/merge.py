@@ -55,8 +55,9 @@ def merge_adapter(recipe: MergeRecipe) -> Path:
     if not base:
         raise ConfigError("the adapter does not name its base model: pass --model", key="model")
     out = Path(recipe.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; expected a folder to write the merged model to", key="output")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "link" if out.is_symlink() else "file"
+        raise ConfigError(f"{out} is a {kind}; expected a folder to write the merged model to", key="output")
     if out.exists() and any(out.iterdir()) and not recipe.overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it", key="output")
     for what, src in (("adapter", recipe.adapter), ("base model", base)):

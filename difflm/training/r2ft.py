@@ -10,9 +10,8 @@ The rule, for one sequence x0 = [prompt | answer | EOS padding] (`corrupt`):
 - y_l   = x0 with positions [c, c+z) filled cyclically with the phrase x0[c-g:c] at a random phase,
           then one of them (uniform, never the span's last, as in the paper's code) replaced by EOS.
           A span of one token (c = L-1, e.g. a truncated answer with no EOS in the row, or
-          span_range (1, ..)) has no position but its last, so it holds the phrase only and no EOS:
-          the EOS never sits on the span's last position, and y_l never equals x0 there by copying
-          an EOS that x0 already has (the phrase holds no EOS). c keeps its range in that case.
+          span_range (1, ..)) has no position but its last, so it holds the phrase only and no EOS
+          (so y_l differs from x0 there even when x0's last token is its first EOS); c keeps its range.
 
 The loss, from one forward pass on x_t (`r2ft_loss`), with log-probabilities in the SUBS
 parameterisation (MASK logit -inf; an unmasked position copies its token, log p = 0):
