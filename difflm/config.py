@@ -63,12 +63,31 @@ __all__ = [
 T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
-# YAML: safe_load semantics, with two fixes that matter for recipes: `1e-5` is a float (PyYAML's
-# YAML 1.1 rules read it as a string) and dates stay strings.
+# YAML: safe_load semantics, with three fixes that matter for recipes: `1e-5` is a float (PyYAML's
+# YAML 1.1 rules read it as a string), dates stay strings, and a key given twice in one mapping is an
+# error (PyYAML keeps the last value silently; the YAML spec requires unique keys).
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first given on line {first.start_mark.line + 1}); "
+                        "each key may appear once per mapping",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_RE = re.compile(

@@ -7,19 +7,28 @@
   generation run appends each finished batch to, so a killed run resumes where it stopped. A line
   cut short by `kill -9` is dropped (and cut off the file) on `load`.
 - `write_alpaca_eval_json`: the final outputs, as the JSON list alpaca_eval reads.
+- `atomic_directory` / `replace_directory`: build a whole folder (a merged model, a checkpoint) in a
+  temporary folder beside its target and swap it in only once it is complete, so a failure while
+  building leaves the old folder untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from difflm.errors import ConfigError
 
-__all__ = ["atomic_write_text", "atomic_write_json", "PartialResults", "write_alpaca_eval_json"]
+__all__ = [
+    "atomic_write_text", "atomic_write_json", "PartialResults", "write_alpaca_eval_json", "atomic_directory",
+    "replace_directory",
+]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -75,6 +84,77 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     The object is serialised before anything is written, so an unserialisable object leaves the old
     file untouched."""
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (so a rename of `root` never publishes unwritten data)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except OSError:  # a dangling link, a socket: nothing to persist
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put the complete folder `src` at `dst`, replacing any folder there; both on the same filesystem.
+
+    Without a `dst`: one rename. With one: rename `dst` aside (to `src`'s name with `.old` for `.tmp`),
+    rename `src` to `dst`, then remove the old folder. A failure of the second rename puts the old folder
+    back. A crash (kill -9, power) loses nothing at any point: before the first rename `dst` is intact;
+    between the two, `dst` is missing while the old folder waits at `.NAME.*.old` and the new one at
+    `src` beside it (rename either back by hand); after the second, `dst` is the new folder and at most a
+    half-removed `.NAME.*.old` is left over.
+    """
+    src, dst = Path(src), Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        os.rename(src, dst)
+        _fsync_dir(dst.parent)
+        return
+    if dst.is_symlink() or not dst.is_dir():
+        raise ConfigError(f"{dst} is a {'link' if dst.is_symlink() else 'file'}, not a folder; not replacing it")
+    stem = src.name[: -len(".tmp")] if src.name.endswith(".tmp") else src.name
+    old = dst.with_name(stem + ".old")
+    if old.exists():
+        raise FileExistsError(f"{old} is in the way of replacing {dst}")
+    os.rename(dst, old)
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    _fsync_dir(dst.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder that replaces `path` only once it is complete.
+
+    >>> with atomic_directory("runs/merged") as tmp:
+    ...     model.save_pretrained(tmp)            # runs/merged is untouched until the block succeeds
+
+    Yields a fresh, empty folder beside `path` (same filesystem; hidden name `.NAME.XXXXXXXX.tmp`, the
+    usual permissions, not mkdtemp's 0700). When the block ends normally its files are fsynced and it
+    replaces `path` (`replace_directory`); when it raises, the folder is removed and `path` is left as it
+    was. Whether an existing `path` may be replaced is the caller's decision (check before the work).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        _fsync_tree(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_alpaca_eval_json(path: str | os.PathLike, records: list[dict]) -> None:

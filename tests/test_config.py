@@ -320,3 +320,41 @@ def test_config_imports_without_typer_or_rich():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("text,key,line,first", [
+    ("seed: 1\nmodel:\n  name: a\nseed: 2\n", "seed", 4, 1),                              # top level
+    ("model:\n  name: a\ndecode:\n  steps: 4\n  top_k: 2\n  steps: 8\n", "steps", 6, 4),  # nested
+    ("model:\n  name: a\ntags:\n  x: 1\n  x: 1\n", "x", 5, 4),                           # same value twice
+    ("model: {name: a, name: b}\n", "name", 1, 1),                                        # flow mapping
+], ids=["top-level", "nested", "same-value", "flow"])
+def test_duplicate_yaml_key_is_refused_naming_key_file_and_line(tmp_path, text, key, line, first):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    msg = err(load_recipe, Recipe, path)
+    assert "\n" not in msg and msg.startswith(f"{path}: invalid YAML (line {line}, ")
+    assert f"duplicate key '{key}' (first given on line {first})" in msg
+
+
+def test_yaml_merge_key_may_be_overridden(tmp_path):
+    from difflm.config import load_yaml
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("model:\n  name: a\ndecode:\n  <<: {steps: 4, top_k: 2}\n  steps: 8\n")
+    assert load_yaml(path)["decode"] == {"steps": 8, "top_k": 2}
+    assert load_recipe(Recipe, path).decode.steps == 8
+
+
+def test_duplicate_yaml_key_fails_the_cli_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path = tmp_path / "gen.yaml"
+    path.write_text(f"model:\n  name: {tmp_path / 'no-model'}\ndecode:\n  method: llada\n  steps: 4\n  gen_length: 8\n"
+                    "  steps: 8\ndata:\n  prompts: [hi]\n")
+    res = CliRunner().invoke(app, ["generate", "-r", str(path), "-o", str(tmp_path / "o.json"), "-q"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "duplicate key 'steps'" in lines[0] and "line 7" in lines[0], lines
+    assert "Traceback" not in res.output and not (tmp_path / "o.json").exists()

@@ -292,12 +292,15 @@ def test_llada_conv_scales_confidence_by_window():
     assert (x[0] != MASK).tolist() == [True] + [False] * 7
 
 
-def test_threshold_commits_at_least_one_and_equals_llada_above_one():
+def test_threshold_commits_at_least_one_and_equals_llada_at_one():
     torch.manual_seed(0)
     table = torch.randn(2 + 16, V)
     prompt = torch.tensor([[0, 1]])
     counts = []
-    cfg_t = DecodeConfig(method="threshold", gen_length=16, steps=16, block_length=8, threshold=1.5)
+    # the model is never certain (top probability well below 1), so threshold 1.0 commits only the
+    # forced best token per step: one per step, as llada with steps = gen_length
+    assert table.double().softmax(-1).max() < 0.9
+    cfg_t = DecodeConfig(method="threshold", gen_length=16, steps=16, block_length=8, threshold=1.0)
     out_t = generate(FixedLogits(table), prompt, cfg_t, mask_id=MASK, eos_id=EOS,
                      callback=lambda ev: counts.append(int((ev["x"] != MASK).sum())))
     assert all(b - a >= 1 for a, b in zip([2] + counts, counts))
@@ -305,7 +308,7 @@ def test_threshold_commits_at_least_one_and_equals_llada_above_one():
     out_l = generate(FixedLogits(table), prompt, cfg_l, mask_id=MASK, eos_id=EOS)
     assert torch.equal(out_t.sequences, out_l.sequences) and out_t.nfe == out_l.nfe == 16
     # a low threshold commits many tokens per step: fewer forward passes
-    cfg_low = DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=0.0)
+    cfg_low = DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=1e-6)
     assert generate(FixedLogits(table), prompt, cfg_low, mask_id=MASK, eos_id=EOS).nfe == 2
 
 
@@ -535,9 +538,11 @@ def test_llada_conv_with_threshold_commits_at_least_one_per_step():
     out = generate(FixedLogits(table), prompt, cfg, mask_id=MASK, eos_id=EOS,
                    callback=lambda ev: seen.append(int((ev["x"] != MASK).sum())))
     assert all(b - a >= 1 for a, b in zip([2] + seen, seen)) and not (out.sequences == MASK).any()
-    # a threshold above 1 commits exactly one token per step: the conv-scaled most confident one
+    # threshold 1.0 on a model that is never certain commits exactly one token per step: the conv-scaled
+    # most confident one
+    assert table.double().softmax(-1).max() < 0.999
     one = generate(FixedLogits(table), prompt, DecodeConfig(method="llada_conv", gen_length=16, steps=16,
-                   kernel_size=5, threshold=1.5), mask_id=MASK, eos_id=EOS)
+                   kernel_size=5, threshold=1.0), mask_id=MASK, eos_id=EOS)
     plain = generate(FixedLogits(table), prompt, DecodeConfig(method="llada_conv", gen_length=16, steps=16,
                      kernel_size=5), mask_id=MASK, eos_id=EOS)
     assert torch.equal(one.sequences, plain.sequences) and one.nfe == 16
@@ -643,3 +648,20 @@ def test_nucleus_samples_from_the_nucleus_and_temperature_zero_is_greedy(tiny_ar
             prefix.append(tok)
             if tok in (m.ids.eos_id, m.ids.eot_id):
                 break
+
+
+@pytest.mark.parametrize("method", ["threshold", "llada_conv"])
+@pytest.mark.parametrize("tau", [1.5, 1.0000001, 0.0, -0.2, float("nan"), float("inf")])
+def test_threshold_outside_zero_one_fails_before_forward(method, tau):
+    cfg = DecodeConfig(method=method, gen_length=16, steps=16, block_length=8 if method == "threshold" else None,
+                       threshold=tau)
+    with pytest.raises(ConfigError) as e:
+        generate(Exploding(), torch.tensor([[0, 1]]), cfg, mask_id=MASK, eos_id=EOS, max_length=128)
+    assert e.value.key == "threshold" and "(0, 1]" in str(e.value) and str(tau) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 1e-9])
+def test_threshold_inside_zero_one_is_allowed(tau):
+    DecodeConfig(method="threshold", threshold=tau).validate()
+    DecodeConfig(method="llada_conv", gen_length=16, steps=16, threshold=tau).validate()

@@ -197,3 +197,14 @@ def test_decoder_and_model_family_must_match(tiny_llada_dir, tmp_path, monkeypat
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: decode.method:") and "Traceback" not in res.output
         assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("tau", ["1.5", "0", "-1"])
+def test_threshold_outside_zero_one_fails_with_one_line_before_loading(tmp_path, tau):
+    # the model folder does not exist: the threshold must be refused before the model is looked at
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path / "no-model"), "-p", "hi", "--decode", "threshold",
+                              "--threshold", tau, "-o", str(tmp_path / "o.json"), "-q"])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "decode.threshold" in lines[0] and "(0, 1]" in lines[0], lines
+    assert str(float(tau)) in lines[0] and not (tmp_path / "o.json").exists()

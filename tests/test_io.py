@@ -107,3 +107,97 @@ def test_atomic_write_uses_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+# -- atomic_directory / replace_directory ----------------------------------------------------------------
+def _build(target, files):
+    from difflm.io import atomic_directory
+
+    with atomic_directory(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(f".{target.name}.") and not any(tmp.iterdir())
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    return target
+
+
+def test_atomic_directory_creates_then_replaces_leaving_nothing_else(tmp_path):
+    target = tmp_path / "out"
+    _build(target, {"a.txt": "1"})
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "a.txt").read_text() == "1"
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~_umask()  # not mkdtemp's 0700
+    _build(target, {"b.txt": "2"})
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["b.txt"]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_directory_failure_keeps_the_old_folder(tmp_path):
+    from difflm.io import atomic_directory
+
+    target = _build(tmp_path / "out", {"SENTINEL": "old"})
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_directory(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"x" * 10)
+            raise OSError(28, "No space left on device")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(target)) == ["SENTINEL"]
+
+
+def test_replace_directory_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import difflm.io as io_mod
+
+    target = _build(tmp_path / "out", {"SENTINEL": "old"})
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(dst) == os.fspath(target) and os.path.basename(src).endswith(".tmp"):
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(io_mod.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        _build(target, {"new": "x"})
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (target / "SENTINEL").read_text() == "old"
+
+
+def test_a_crash_between_the_two_renames_loses_neither_folder(tmp_path):
+    """kill -9 right after the old folder was moved aside: the old and the new one are both on disk."""
+    import subprocess
+    import sys
+    import textwrap
+
+    target = _build(tmp_path / "out", {"SENTINEL": "old"})
+    script = textwrap.dedent(f"""
+        import os
+        import difflm.io as io_mod
+        real = os.rename
+        def rename(src, dst):
+            real(src, dst)
+            if str(dst).endswith(".old"):
+                os._exit(9)  # dies like kill -9: no cleanup runs
+        io_mod.os.rename = rename
+        with io_mod.atomic_directory({str(target)!r}) as tmp:
+            (tmp / "NEW").write_text("new")
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 9
+    left = sorted(os.listdir(tmp_path))
+    assert "out" not in left and len(left) == 2, left
+    old = [n for n in left if n.endswith(".old")]
+    new = [n for n in left if n.endswith(".tmp")]
+    assert old and new and (tmp_path / old[0] / "SENTINEL").read_text() == "old"
+    assert (tmp_path / new[0] / "NEW").read_text() == "new"
+
+
+def test_replace_directory_refuses_to_replace_a_file(tmp_path):
+    from difflm.io import atomic_directory
+
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out").read_text() == "a file"

@@ -593,3 +593,90 @@ def test_qlora_backward_with_checkpointing_on_cuda(tiny_llada_dir):
     grads = [p.grad for n, p in module.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# -- non-finite weights (a corrupted download) ------------------------------------------------------------
+def _poisoned_copy(src, dst, tensor, value):
+    """A copy of the checkpoint folder `src` with `value` (nan/inf) written into one element of `tensor`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights[tensor] = weights[tensor].clone()
+    weights[tensor].view(-1)[3] = value
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("value,word", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_non_finite_weights_are_named_not_reported_as_causal(tiny_llada_dir, tmp_path, value, word):
+    bad = _poisoned_copy(tiny_llada_dir, tmp_path / "bad", "model.transformer.blocks.1.ff_out.weight", value)
+    with pytest.raises(ConfigError) as excinfo:
+        load_model(str(bad), dtype="float32")
+    assert not isinstance(excinfo.value, BidirectionalityError)
+    _one_line_config_error(excinfo, "model.layers.1.mlp.down_proj.weight", word, "finite")
+    assert "CAUSAL" not in str(excinfo.value)
+
+
+def test_non_finite_native_weights_fail_generate_with_one_line(tiny_native_llada_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    bad = _poisoned_copy(tiny_native_llada_dir, tmp_path / "bad", "model.layers.0.self_attn.q_proj.weight", float("nan"))
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight holds NaN"):
+        load_model(str(bad), dtype="float32")
+    res = CliRunner().invoke(app, ["generate", "-m", str(bad), "--prompt", "hi", "--gen-length", "8", "--steps", "2",
+                                   "-q"])
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.layers.0.self_attn.q_proj.weight holds NaN" in lines[0], lines
+    assert "Traceback" not in res.output and "CAUSAL" not in res.output
+
+
+def test_non_finite_adapter_weights_are_named(tiny_native_llada_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    m = load_model(str(tiny_native_llada_dir), dtype="float32")
+    peft = get_peft_model(m.module, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name] = torch.full_like(weights[name], float("inf"))
+    save_file(weights, str(path), metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as excinfo:
+        load_model(str(tiny_native_llada_dir), dtype="float32", adapter=str(tmp_path / "adapter"))
+    _one_line_config_error(excinfo, "adapter", "lora_B", "inf")
+
+
+def test_check_finite_reads_parameters_and_loaded_buffers_only():
+    from difflm.models.loading import check_finite
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    m[1].register_buffer("causal_mask", torch.full((2,), float("-inf")), persistent=False)  # computed, not loaded
+    m[1].register_buffer("steps", torch.zeros(2, dtype=torch.long))
+    check_finite(m)
+    m[1].running_var[1] = float("nan")  # a persistent (saved and loaded) buffer
+    with pytest.raises(ConfigError, match=r"tensor 1\.running_var holds NaN"):
+        check_finite(m, "m")
+    m[1].running_var[1] = 1.0
+    with torch.no_grad():
+        m[0].bias[0] = float("-inf")
+    with pytest.raises(ConfigError, match=r"tensor 0\.bias holds inf"):
+        check_finite(m, "m")
+
+
+def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
+    from difflm.models.loading import check_finite
+
+    m = torch.nn.Linear(256, 256).half()
+    with torch.no_grad():
+        m.weight.fill_(60000.0)  # finite, but its fp16 sum overflows to inf
+    assert not torch.isfinite(m.weight.sum())
+    check_finite(m)
+    with torch.no_grad():
+        m.weight[5, 7] = float("nan")
+    with pytest.raises(ConfigError, match=r"tensor weight holds NaN"):
+        check_finite(m)

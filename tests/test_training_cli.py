@@ -145,3 +145,119 @@ def test_accelerate_configs_are_shipped():
     for name in ("ddp", "fsdp"):
         text = (ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text()
         assert text.startswith("# accelerate launch --config_file recipes/accelerate/")
+
+
+# -- merge never loses the existing output ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_native_llada_dir, tmp_path_factory):
+    """A LoRA adapter (random, non-zero B) on the tiny native model, made with peft directly."""
+    from peft import LoraConfig, get_peft_model
+
+    from difflm.models import load_model
+
+    m = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    module = get_peft_model(m.module, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    module.save_pretrained(str(out))
+    return out
+
+
+def _existing_output(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir(parents=True)
+    (out / "SENTINEL").write_text("the previous merge")
+    return out
+
+
+def _assert_untouched(out):
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temp or .old folder left
+    assert sorted(p.name for p in out.iterdir()) == ["SENTINEL"] and (out / "SENTINEL").read_text() == "the previous merge"
+
+
+def test_failed_merge_leaves_the_existing_output_untouched(runner, tiny_adapter, tmp_path, tmp_path_factory):
+    import shutil
+
+    from difflm.testing import build_tiny_native_llada
+
+    out = _existing_output(tmp_path / "o")
+    # a corrupted (truncated) adapter file
+    bad = tmp_path / "bad-adapter"
+    shutil.copytree(tiny_adapter, bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    res = runner.invoke(app, ["merge", "--adapter", str(bad), "-o", str(out), "--overwrite"])
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read adapter" in lines[0] and str(bad) in lines[0], lines
+    _assert_untouched(out)
+    # an adapter for another base model (hidden size 32, not 64)
+    other = build_tiny_native_llada(tmp_path_factory.mktemp("other") / "m", d_model=32)
+    res = runner.invoke(app, ["merge", "--adapter", str(tiny_adapter), "-m", str(other), "-o", str(out), "--overwrite"])
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not fit this base model" in lines[0] and "size mismatch" in lines[0], lines
+    _assert_untouched(out)
+    # and a successful merge replaces it
+    ok(runner.invoke(app, ["merge", "--adapter", str(tiny_adapter), "-o", str(out), "--overwrite"]))
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert not (out / "SENTINEL").exists() and (out / "model.safetensors").is_file()
+
+
+def test_merge_failing_while_saving_leaves_the_output_untouched(tiny_adapter, tiny_native_llada_dir, tmp_path,
+                                                                 monkeypatch):
+    """The disk fills up half-way through writing the merged model (Python API)."""
+    import difflm.models
+    from difflm.models import load_model
+    from difflm.training.merge import MergeRecipe, merge_adapter
+
+    out = _existing_output(tmp_path)
+    real_save = difflm.models.save_native
+
+    def disk_full(model, dir, *a, **k):
+        real_save(model, dir, *a, **k)  # the files are written (into the temporary folder) ...
+        raise OSError(28, "No space left on device")  # ... and then the disk is full
+
+    monkeypatch.setattr(difflm.models, "save_native", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        merge_adapter(MergeRecipe(adapter=str(tiny_adapter), output=str(out), overwrite=True))
+    _assert_untouched(out)
+    monkeypatch.setattr(difflm.models, "save_native", real_save)
+    assert merge_adapter(MergeRecipe(adapter=str(tiny_adapter), output=str(out), overwrite=True)) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name] and not (out / "SENTINEL").exists()
+    merged = load_model(str(out), dtype="float32", device="cpu")
+    assert merged.family == "llada" and not hasattr(merged.module, "peft_config")
+    x = torch.randint(0, 150, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu", adapter=str(tiny_adapter))(x)
+        base = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")(x)
+        got = merged(x)
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, base, atol=1e-3)
+
+
+def test_merge_refuses_to_write_over_its_own_adapter_or_base(runner, tiny_adapter, tiny_native_llada_dir):
+    for folder, what in ((tiny_adapter, "adapter"), (tiny_native_llada_dir, "base model")):
+        before = sorted(p.name for p in folder.iterdir())
+        res = runner.invoke(app, ["merge", "--adapter", str(tiny_adapter), "-o", str(folder), "--overwrite"])
+        assert res.exit_code == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is the {what} folder" in lines[0], lines
+        assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_merge_refuses_a_file_or_link_as_output_before_loading(runner, tmp_path):
+    # an adapter folder whose base does not exist: the output must be refused before any load is tried
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "%s"}' % (tmp_path / "nowhere"))
+    target = _existing_output(tmp_path / "t")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "file").write_text("x")
+    for out, kind in ((tmp_path / "link", "link"), (tmp_path / "file", "file")):
+        res = runner.invoke(app, ["merge", "--adapter", str(tmp_path), "-o", str(out), "--overwrite"])
+        assert res.exit_code == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"is a {kind}" in lines[0], lines
+    _assert_untouched(target)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "file").read_text() == "x"

@@ -259,3 +259,80 @@ def test_lr_schedule_warmup_constant_and_cosine():
     assert cos[2] == pytest.approx(1.0) and cos[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(cos[2:], cos[3:]))
     assert lr_factor(0, 0, 10, "constant", 0.0) == 1.0
+
+
+def _first_cut_at(x0, p, answer_end, c_want, **kw):
+    """The first seed whose corruption cuts at `c_want`, and that corruption."""
+    for seed in range(3000):
+        out = corrupt(x0, p, answer_end, MASK, EOS, torch.Generator().manual_seed(seed), **kw)
+        if out[2] == c_want:
+            return seed, out
+    raise AssertionError(f"no seed in 3000 cuts at {c_want}")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "eos_last"])
+def test_corrupt_one_token_span_at_the_row_end_holds_the_phrase_and_no_eos(kind):
+    # truncated: an answer cut by max_length, no EOS in the row (answer_end = L); eos_last: the row's only
+    # EOS is its last token. A cut at L-1 leaves a one-token span: the EOS may not sit on its last (only)
+    # position, so the span holds the repeated phrase alone
+    L, p = 40, 10
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randint(0, 10, (L,), generator=gen)
+    if kind == "eos_last":
+        x0[-1] = EOS
+    _, (x_t, y_l, c, end) = _first_cut_at(x0, p, L, L - 1)
+    assert (c, end) == (L - 1, L)
+    assert (x_t[: L - 1] == x0[: L - 1]).all() and x_t[L - 1] == MASK
+    assert torch.equal(y_l[: L - 1], x0[: L - 1])
+    assert y_l[L - 1] != EOS and int(y_l[L - 1]) in x0[L - 1 - 14 : L - 1].tolist()  # a phrase token
+    assert (y_l == EOS).sum() == (x0[: L - 1] == EOS).sum() == 0
+
+
+def test_corrupt_one_token_spans_from_a_short_span_range_hold_no_eos():
+    x0 = torch.cat([torch.arange(30) % 10, torch.full((10,), EOS)])
+    for seed in range(50):
+        x_t, y_l, c, end = corrupt(x0, 5, 31, MASK, EOS, torch.Generator().manual_seed(seed), span_range=(1, 1))
+        assert end == c + 1 and y_l[c] != EOS and int(y_l[c]) in x0[max(0, c - 14) : c].tolist()
+
+
+def test_corrupt_properties_over_many_seeds_with_short_and_truncated_rows():
+    seen = {"truncated_last_cut": 0, "eos_last_cut": 0, "one_token": 0, "two_token": 0, "clipped": 0}
+    for seed in range(1500):
+        g = torch.Generator().manual_seed(seed)
+        L = int(torch.randint(4, 48, (1,), generator=g))
+        p = int(torch.randint(1, L - 1, (1,), generator=g))  # tokenize keeps >= 2 answer positions: p <= L-2
+        kind = ("truncated", "eos_last", "padded")[seed % 3]
+        x0 = torch.randint(0, 10, (L,), generator=g)
+        if kind == "truncated":
+            answer_end = L
+        elif kind == "eos_last":
+            x0[-1] = EOS
+            answer_end = L
+        else:
+            r = int(torch.randint(0, L - p, (1,), generator=g))  # response tokens; EOS padding after
+            x0[p + r :] = EOS
+            answer_end = p + r + 1
+        span_range = (30, 49) if seed % 2 else (1, 4)
+        x_t, y_l, c, end = corrupt(x0, p, answer_end, MASK, EOS, torch.Generator().manual_seed(seed_for("c", seed)),
+                                   span_range=span_range)
+        first_eos = int((x0[p:] == EOS).nonzero()[0, 0]) + p if (x0[p:] == EOS).any() else L
+        # the paper's cut rule, unchanged: c in [prompt_len, answer_end], never past the first EOS nor at L
+        assert max(p, 1) <= c <= min(answer_end, first_eos, L - 1)
+        assert torch.equal(x_t[:c], x0[:c]) and (x_t[c:] == MASK).all()
+        assert torch.equal(y_l[:c], x0[:c]) and torch.equal(y_l[end:], x0[end:])
+        z = end - c
+        assert 1 <= z <= span_range[1] and (end == L or z >= span_range[0])
+        span = y_l[c:end].tolist()
+        if z >= 2:  # exactly one EOS, never on the span's last position
+            assert span.count(EOS) == 1 and span.index(EOS) < z - 1, (seed, c, span)
+            eos_at = span.index(EOS)
+        else:  # a one-token span: the phrase alone
+            assert span.count(EOS) == 0, (seed, kind, c, span)
+            eos_at = -1
+        assert _find_period(span, x0[:c].tolist(), eos_at) is not None, (seed, c, span)
+        seen["truncated_last_cut"] += kind == "truncated" and c == L - 1
+        seen["eos_last_cut"] += kind == "eos_last" and c == L - 1
+        seen["one_token"] += z == 1
+        seen["two_token"] += z == 2
+        seen["clipped"] += end == L and c + span_range[0] > L
+    assert all(v > 0 for v in seen.values()), seen

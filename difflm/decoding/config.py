@@ -55,7 +55,8 @@ class DecodeConfig:
     t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end", "min": 0.0, "max": 1.0})
     eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability", "min": 0.0, "max": 1.0})
     threshold: float | None = field(
-        default=None, metadata={"help": "confidence threshold (method threshold; default 0.9)", "min": 0.0}
+        default=None,
+        metadata={"help": "confidence threshold, 0 < tau <= 1 (method threshold; default 0.9)"},
     )
     cache: str | None = field(
         default=None,
@@ -71,6 +72,11 @@ class DecodeConfig:
         """Raise `ConfigError` (key = field name) for any invalid combination."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}", key="method")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"must be in (0, 1] (a token probability: commit tokens at least this confident), got {self.threshold}",
+                key="threshold",
+            )
         for f in fields(self):
             v = getattr(self, f.name)
             lo, hi = f.metadata.get("min"), f.metadata.get("max")

@@ -491,12 +491,64 @@ def _check_adapter(adapter: str | os.PathLike) -> str:
     return name
 
 
+def check_finite(module: nn.Module, name: str = "model", only: str | None = None, what: str = "model") -> None:
+    """Raise ConfigError naming the first floating-point parameter or buffer holding NaN or inf.
+
+    A corrupted download or a diverged checkpoint otherwise loads fine and fails far later, or is
+    misreported (a NaN forward looks like a causal model to `check_bidirectional`). One sum per tensor
+    (an element-wise `torch.isfinite` only when the sum is not finite); integer (quantized) and meta
+    tensors are skipped, and so are non-persistent buffers (computed at init, not loaded: e.g. an
+    attention mask of -inf). `only`
+    restricts the check to tensors whose name contains it (the LoRA weights of an adapter).
+    """
+    tensors = list(module.named_parameters())
+    for prefix, sub in module.named_modules():
+        skip = getattr(sub, "_non_persistent_buffers_set", set())
+        tensors += [
+            (f"{prefix}.{n}" if prefix else n, b) for n, b in sub._buffers.items() if b is not None and n not in skip
+        ]
+    for tensor_name, t in tensors:
+        if only is not None and only not in tensor_name:
+            continue
+        if not t.is_floating_point() or t.is_meta or t.numel() == 0:
+            continue
+        try:
+            # fast path: a NaN or inf anywhere makes the sum NaN or inf, and a finite sum means every element
+            # is finite (one reduction, ~30x faster than isfinite on CPU, no tensor-sized bool mask); a
+            # non-finite sum may also be an fp16 overflow, so it is confirmed element-wise, in chunks
+            t = t.detach()
+            finite = bool(torch.isfinite(t.sum())) or all(
+                bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(1 << 24)
+            )
+        except (RuntimeError, NotImplementedError):  # a dtype without sum/isfinite (e.g. float8 on some builds)
+            continue
+        if not finite:
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ConfigError(
+                f"{name}: tensor {tensor_name} holds {bad} values (a corrupted or diverged checkpoint); "
+                "all weights must be finite",
+                key=what,
+            )
+
+
 def _load_adapter(module: nn.Module, adapter: str) -> nn.Module:
     """peft LoRA weights on top of `module` (inference: is_trainable=False, eval mode)."""
     from peft import PeftModel
 
-    with _hub_errors(adapter, "adapter"):
-        module = PeftModel.from_pretrained(module, adapter, is_trainable=False)
+    from safetensors import SafetensorError
+
+    try:
+        with _hub_errors(adapter, "adapter"):
+            module = PeftModel.from_pretrained(module, adapter, is_trainable=False)
+    except SafetensorError as err:  # a truncated or corrupted adapter_model.safetensors
+        raise ConfigError(f"cannot read adapter {adapter!r} (corrupted weights file?): {_first_line(err)}",
+                          key="adapter") from None
+    except RuntimeError as err:
+        mismatch = re.search(r"size mismatch for [^:]+: .*?current model is torch\.Size\(\[[^\]]*\]\)", str(err))
+        if mismatch is None:
+            raise
+        raise ConfigError(f"adapter {adapter!r} does not fit this base model (made for another one?): "
+                          f"{mismatch.group(0)}", key="adapter") from None
     module.eval()
     return module
 
@@ -666,6 +718,7 @@ def load_model(
     with _hub_errors(name):
         module = _load_module(family, source, config, kwargs, trust_remote_code)
     module.eval()
+    check_finite(module, name)
     if gguf is not None:  # no config.json: the config transformers built from the GGUF metadata
         config = module.config.to_dict()
 
@@ -679,6 +732,7 @@ def load_model(
     ids = resolve_ids(family, config, tok, vocab_size)
     if adapter is not None:
         module = _load_adapter(module, adapter)
+        check_finite(module, adapter, only="lora_", what="adapter")
     return DiffusionLM(
         module,
         family,

@@ -2,17 +2,20 @@
 
 LLaDA-family models are written in difflm's native format (a bidirectional Llama that
 `load_model` and plain transformers 5.x load); other families with `save_pretrained`. The
-tokenizer is saved alongside.
+tokenizer is saved alongside. The result is built in a temporary folder beside the output and
+swapped in only once complete (`difflm.io.atomic_directory`): a merge that fails (a corrupted
+adapter, one for another base model, a full disk) leaves an existing output untouched.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflm.errors import ConfigError
+from difflm.io import atomic_directory
 
 __all__ = ["MergeRecipe", "merge_adapter"]
 
@@ -52,21 +55,25 @@ def merge_adapter(recipe: MergeRecipe) -> Path:
     if not base:
         raise ConfigError("the adapter does not name its base model: pass --model", key="model")
     out = Path(recipe.output)
-    if out.exists() and any(out.iterdir()):
-        if not recipe.overwrite:
-            raise ConfigError(f"{out} exists; pass --overwrite to replace it", key="output")
-        shutil.rmtree(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        kind = "link" if out.is_symlink() else "file"
+        raise ConfigError(f"{out} is a {kind}; expected a folder to write the merged model to", key="output")
+    if out.exists() and any(out.iterdir()) and not recipe.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it", key="output")
+    for what, src in (("adapter", recipe.adapter), ("base model", base)):
+        if Path(src).is_dir() and out.exists() and os.path.samefile(src, out):
+            raise ConfigError(f"{out} is the {what} folder; write the merged model elsewhere", key="output")
     m = load_model(
         base, family=recipe.family, dtype=recipe.dtype, device=recipe.device, adapter=recipe.adapter,
         trust_remote_code=recipe.trust_remote_code, tokenizer=recipe.tokenizer,
     )
     merged = m.module.merge_and_unload()
     m.module = merged
-    if m.family == "llada":
-        save_native(m, out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(str(out))
-        if m.tokenizer is not None:
-            m.tokenizer.save_pretrained(str(out))
+    with atomic_directory(out) as tmp:  # the old output stays until the new one is complete
+        if m.family == "llada":
+            save_native(m, tmp)
+        else:
+            merged.save_pretrained(str(tmp))
+            if m.tokenizer is not None:
+                m.tokenizer.save_pretrained(str(tmp))
     return out

@@ -8,7 +8,10 @@ The rule, for one sequence x0 = [prompt | answer | EOS padding] (`corrupt`):
 - phrase length g ~ U{1..14} (at most c), span length z ~ U{30..49} clipped to the sequence;
 - x_t   = x0 with every position >= c masked (the model sees the prompt and the answer before c);
 - y_l   = x0 with positions [c, c+z) filled cyclically with the phrase x0[c-g:c] at a random phase,
-          then one of them (never the span's last, as in the paper's code) replaced by EOS.
+          then one of them (uniform, never the span's last, as in the paper's code) replaced by EOS.
+          A span of one token (c = L-1, e.g. a truncated answer with no EOS in the row, or
+          span_range (1, ..)) has no position but its last, so it holds the phrase only and no EOS
+          (so y_l differs from x0 there even when x0's last token is its first EOS); c keeps its range.
 
 The loss, from one forward pass on x_t (`r2ft_loss`), with log-probabilities in the SUBS
 parameterisation (MASK logit -inf; an unmasked position copies its token, log p = 0):
@@ -53,7 +56,8 @@ def corrupt(
     """Build one R2FT pair from a single sequence `x0` [L] (see the module docstring).
 
     Returns (x_t, y_l, start, end): x_t is x0 with every position >= start (= c) masked, y_l is x0
-    with [start, end) replaced by the repeated phrase and one EOS; end = min(c + z, L).
+    with [start, end) replaced by the repeated phrase and one EOS, at a position in [start, end - 1)
+    (so none when the span is one token: end - start == 1); end = min(c + z, L).
     """
     if x0.dim() != 1:
         raise ValueError(f"corrupt takes one sequence [L], got shape {tuple(x0.shape)}")
@@ -73,12 +77,12 @@ def corrupt(
     end = min(c + z, length)
     phase = _randint(0, g - 1, generator)
     span = end - c
-    eos_at = c + (_randint(0, span - 2, generator) if span >= 2 else 0)
 
     phrase = x0[c - g : c]
     y_l = x0.clone()
     y_l[c:end] = phrase[(torch.arange(span, device=x0.device) + phase) % g]
-    y_l[eos_at] = eos_id
+    if span >= 2:  # the EOS goes anywhere but the span's last position; a one-token span has no such place
+        y_l[c + _randint(0, span - 2, generator)] = eos_id
     x_t = x0.clone()
     x_t[c:] = mask_id
     return x_t, y_l, c, end
