@@ -164,7 +164,7 @@ def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, t
 
 
 def test_nucleus_reference_answers_from_an_ar_model(tmp_path):
-    """--decode nucleus on a causal model goes through transformers' generate: reproducible, cut at EOS."""
+    """--decode nucleus on a causal model (difflm's own KV-cached sampling loop): reproducible, cut at EOS."""
     from difflm.testing import build_tiny_ar
 
     ar = build_tiny_ar(tmp_path / "ar")

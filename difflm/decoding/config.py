@@ -14,7 +14,8 @@ from difflm.errors import ConfigError
 MASS_METHODS = ("categorical", "topk", "conv", "semi_ar", "remdm", "remdm_conv")
 #: Methods that commit a fixed (or thresholded) number of the most confident tokens per step.
 CONFIDENCE_METHODS = ("llada", "llada_conv", "threshold")
-#: Autoregressive reference decoding through transformers' own `generate`.
+#: Autoregressive reference decoding: difflm's own KV-cached sampling loop, one generator per row
+#: (`difflm.decoding.generate._generate_ar`).
 AR_METHODS = ("nucleus",)
 METHODS = MASS_METHODS + CONFIDENCE_METHODS + AR_METHODS
 #: Methods that decode left-to-right blocks of `block_length`.
@@ -168,7 +169,7 @@ def check_method_family(method: str, family: str | None, name: str | None = None
         )
     if family != "ar" and method in AR_METHODS:
         raise ConfigError(
-            f"{method} is autoregressive decoding (transformers' generate); {what} is a {family} diffusion model: "
+            f"{method} is autoregressive decoding (for AR models, family ar); {what} is a {family} diffusion model: "
             "use a diffusion decoder (conv, llada, topk, ...)",
             key="decode.method",
         )
