@@ -7,9 +7,12 @@
   generation run appends each finished batch to, so a killed run resumes where it stopped. A line
   cut short by `kill -9` is dropped (and cut off the file) on `load`.
 - `write_alpaca_eval_json`: the final outputs, as the JSON list alpaca_eval reads.
-- `atomic_directory` / `replace_directory`: build a whole folder (a merged model, a checkpoint) in a
-  temporary folder beside its target and swap it in only once it is complete, so a failure while
-  building leaves the old folder untouched.
+- `atomic_directory` / `replace_directory`: build a whole folder (a merged model, a checkpoint, a
+  tokenized dataset) in a temporary folder beside its target and swap it in only once it is complete,
+  so a failure while building leaves the old folder untouched. Several processes (training ranks) can
+  build one folder together (`sync=`).
+- `usual_permissions`: the mode a plain `open()` would give (0666 minus the umask) for files that a
+  library wrote owner-only (safetensors >= 0.8 writes 0600 files).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from difflm.errors import ConfigError
 
 __all__ = [
     "atomic_write_text", "atomic_write_json", "PartialResults", "write_alpaca_eval_json", "atomic_directory",
-    "replace_directory",
+    "replace_directory", "usual_permissions",
 ]
 
 
@@ -101,6 +105,32 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(folder))
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """Give the file `path`, or every file and folder under the folder `path`, at least the permission
+    bits a plain `open()` / `mkdir()` gives under the current umask (0644 / 0755 with umask 022).
+
+    Some writers ignore the umask: safetensors >= 0.8 writes through a temporary file created 0600
+    (safetensors issue #782), so a saved `model.safetensors` would be unreadable to the users who can
+    read the `config.json` beside it. Bits are only added, never taken away (a file its owner may run
+    gets the execute bits a folder gets); links are not followed."""
+    mask = _umask()
+
+    def fix(p: str | os.PathLike) -> None:
+        st = os.lstat(p)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):  # a link, a socket: left alone
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        usual = (0o777 if stat.S_ISDIR(st.st_mode) or mode & stat.S_IXUSR else 0o666) & ~mask
+        if mode | usual != mode:
+            os.chmod(p, mode | usual)
+
+    fix(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                fix(os.path.join(folder, name))
+
+
 def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put the complete folder `src` at `dst`, replacing any folder there; both on the same filesystem.
 
@@ -109,7 +139,8 @@ def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     back. A crash (kill -9, power) loses nothing at any point: before the first rename `dst` is intact;
     between the two, `dst` is missing while the old folder waits at `.NAME.*.old` and the new one at
     `src` beside it (rename either back by hand); after the second, `dst` is the new folder and at most a
-    half-removed `.NAME.*.old` is left over.
+    half-removed `.NAME.*.old` is left over. Such a left-over `.old` of the same name (possible with the
+    fixed names of `atomic_directory(sync=...)`) is removed before `dst` is moved aside: `dst` is newer.
     """
     src, dst = Path(src), Path(dst)
     if not dst.exists() and not dst.is_symlink():
@@ -120,8 +151,8 @@ def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         raise ConfigError(f"{dst} is a {'link' if dst.is_symlink() else 'file'}, not a folder; not replacing it")
     stem = src.name[: -len(".tmp")] if src.name.endswith(".tmp") else src.name
     old = dst.with_name(stem + ".old")
-    if old.exists():
-        raise FileExistsError(f"{old} is in the way of replacing {dst}")
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
     os.rename(dst, old)
     try:
         os.rename(src, dst)
@@ -133,27 +164,54 @@ def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, *, sync: Callable[[], None] | None = None, owner: bool = True
+) -> Iterator[Path]:
     """Build a folder that replaces `path` only once it is complete.
 
     >>> with atomic_directory("runs/merged") as tmp:
     ...     model.save_pretrained(tmp)            # runs/merged is untouched until the block succeeds
 
     Yields a fresh, empty folder beside `path` (same filesystem; hidden name `.NAME.XXXXXXXX.tmp`, the
-    usual permissions, not mkdtemp's 0700). When the block ends normally its files are fsynced and it
-    replaces `path` (`replace_directory`); when it raises, the folder is removed and `path` is left as it
-    was. Whether an existing `path` may be replaced is the caller's decision (check before the work).
+    usual permissions, not mkdtemp's 0700). When the block ends normally its files get the usual
+    permissions (`usual_permissions`), are fsynced, and the folder replaces `path` (`replace_directory`);
+    when it raises, the folder is removed and `path` is left as it was. Whether an existing `path` may be
+    replaced is the caller's decision (check before the work).
+
+    Several processes writing one folder (the ranks of a training run) all enter the block with the same
+    `path`, `sync` (a barrier every process calls, e.g. `accelerator.wait_for_everyone`) and `owner=True`
+    on exactly one of them. The folder then has the fixed name `.NAME.tmp` that every process knows; the
+    owner removes one left by a killed run and creates it, `sync()` lets the others in, and after the
+    block `sync()` waits for all of them before the owner swaps the folder in. Only the owner cleans up;
+    the others leave the block before the swap is done (call `sync()` once more before reading `path`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    if sync is None and not owner:
+        raise ValueError("atomic_directory(owner=False) needs sync=, the barrier shared with the owner")
+    tmp = path.with_name(f".{path.name}.tmp")
+    if owner:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if sync is None:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        else:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)  # left by a run killed while building it
+            tmp.mkdir()
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        if owner:
+            os.chmod(tmp, 0o777 & ~_umask())
+        if sync is not None:
+            sync()
         yield tmp
-        _fsync_tree(tmp)
-        replace_directory(tmp, path)
+        if sync is not None:
+            sync()
+        if owner:
+            usual_permissions(tmp)
+            _fsync_tree(tmp)
+            replace_directory(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

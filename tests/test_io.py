@@ -201,3 +201,102 @@ def test_replace_directory_refuses_to_replace_a_file(tmp_path):
         with atomic_directory(tmp_path / "out") as tmp:
             (tmp / "x").write_text("x")
     assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out").read_text() == "a file"
+
+
+def test_usual_permissions_adds_the_bits_the_umask_allows(tmp_path):
+    import stat
+
+    from difflm.io import usual_permissions
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    os.chmod(tmp_path / "d" / "sub", 0o700)
+    for name, mode in (("d/w.bin", 0o600), ("d/sub/x.bin", 0o600), ("d/run.sh", 0o700)):
+        (tmp_path / name).write_bytes(b"x")
+        os.chmod(tmp_path / name, mode)
+    old = os.umask(0o022)
+    try:
+        usual_permissions(tmp_path / "d")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "d").rglob("*")}
+    assert modes == {"d/sub": 0o755, "d/w.bin": 0o644, "d/sub/x.bin": 0o644, "d/run.sh": 0o755}  # bits only added
+
+
+def test_atomic_directory_gives_owner_only_files_the_usual_permissions(tmp_path):
+    """safetensors >= 0.8 creates its files 0600 whatever the umask; the published folder has 0644."""
+    import stat
+
+    from difflm.io import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            os.close(os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600))
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out" / "config.json").stat().st_mode) == 0o644
+
+
+def test_save_native_writes_the_weights_with_the_usual_permissions(tiny_native_llada_dir, tmp_path):
+    import stat
+
+    from difflm.models import load_model, save_native
+
+    model = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    old = os.umask(0o022)
+    try:
+        out = save_native(model, tmp_path / "saved")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and "config.json" in modes
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_atomic_directory_shared_by_several_processes(tmp_path):
+    """Two ranks (threads here) write one folder: one owner, a shared barrier, a fixed temporary name; a
+    temporary folder and a `.old` left by a killed run are cleared, and the old folder stays on failure."""
+    import threading
+
+    from difflm.io import atomic_directory
+
+    target = _build(tmp_path / "step-1", {"SENTINEL": "old"})
+    (tmp_path / ".step-1.tmp").mkdir()  # a killed run's half-written folder ...
+    (tmp_path / ".step-1.tmp" / "stale").write_text("x")
+    (tmp_path / ".step-1.old").mkdir()  # ... and the left-over of an interrupted swap
+    barrier = threading.Barrier(2, timeout=30)
+    seen, errors = {}, []
+
+    def rank(r: int, fail: bool = False) -> None:
+        try:
+            with atomic_directory(target, sync=barrier.wait, owner=r == 0) as tmp:
+                seen[r] = (tmp, sorted(os.listdir(tmp)))
+                (tmp / f"rank{r}").write_text(str(r))
+                if fail:
+                    raise OSError(28, "No space left on device")
+        except (OSError, threading.BrokenBarrierError) as e:
+            errors.append(e)
+            barrier.abort()  # as a dying rank takes the job down
+
+    def run(fail_rank=None):
+        threads = [threading.Thread(target=rank, args=(r, r == fail_rank)) for r in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+
+    run()
+    assert not errors, errors
+    assert seen[0][0] == seen[1][0] == tmp_path / ".step-1.tmp"  # both ranks wrote into one folder
+    assert "stale" not in seen[0][1] + seen[1][1]  # a fresh folder
+    assert sorted(os.listdir(tmp_path)) == ["step-1"] and sorted(os.listdir(target)) == ["rank0", "rank1"]
+    # a rank fails after writing: the published folder stays as it was
+    barrier.reset()
+    run(fail_rank=1)  # the owner then meets a broken barrier and cleans up
+    assert any(isinstance(e, OSError) and e.errno == 28 for e in errors), errors
+    assert sorted(os.listdir(tmp_path)) == ["step-1"] and sorted(os.listdir(target)) == ["rank0", "rank1"]
+    with pytest.raises(ValueError, match="sync"):
+        with atomic_directory(target, owner=False):
+            pass

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from difflm.errors import ConfigError
+from difflm.io import usual_permissions
 
 from .base import DiffusionLM, TokenIds, logits_of
 
@@ -242,6 +243,8 @@ def save_native(
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     module.save_pretrained(str(dir), save_original_format=False)
+    for weights in dir.glob("*.safetensors"):  # safetensors >= 0.8 writes them 0600, whatever the umask
+        usual_permissions(weights)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dir))
     return dir
