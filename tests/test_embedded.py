@@ -107,3 +107,44 @@ def test_demo_runs():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "conv decoding" in proc.stdout and "rep-4" in proc.stdout and "distinct-2" in proc.stdout
+
+
+def test_a_failed_export_keeps_the_previous_export(tiny_native_llada_dir, tmp_path, monkeypatch):
+    """`build.py export` fails after writing the new weights: the previous export stays, nothing is left over;
+    a good export then replaces it, its weights as readable as its config (not safetensors' 0600)."""
+    import shutil
+    import stat
+
+    import difflm.embedded
+    from difflm.embedded import build
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_native_llada_dir, run / "final")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "eval_loss": 2.5, "elapsed_s": 3.0}) + "\n")
+    dest = tmp_path / "embedded"
+    (dest / "tiny-shakespeare").mkdir(parents=True)
+    (dest / "tiny-shakespeare" / "SENTINEL").write_text("the previous export")
+    real_loss, calls = difflm.embedded.heldout_loss, []
+
+    def fails_on_the_exported_copy(model, rows, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the fp16 copy, loaded back from the folder being written
+            raise OSError(28, "No space left on device")
+        return real_loss(model, rows, *a, **k)
+
+    monkeypatch.setattr(difflm.embedded, "heldout_loss", fails_on_the_exported_copy)
+    argv = ["export", "--run", str(run), "--name", "tiny-shakespeare", "--dest", str(dest)]
+    with pytest.raises(OSError, match="No space left"):
+        build.main(argv)
+    assert len(calls) == 2 and sorted(os.listdir(dest)) == ["tiny-shakespeare"]
+    assert os.listdir(dest / "tiny-shakespeare") == ["SENTINEL"]
+    monkeypatch.setattr(difflm.embedded, "heldout_loss", real_loss)
+    old = os.umask(0o022)
+    try:
+        assert build.main(argv) == 0
+    finally:
+        os.umask(old)
+    out = dest / "tiny-shakespeare"
+    assert sorted(os.listdir(dest)) == ["tiny-shakespeare"] and not (out / "SENTINEL").exists()
+    assert "MODEL_CARD.md" in os.listdir(out)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

@@ -139,3 +139,28 @@ def test_bad_sources_and_fields_fail_with_one_line(tiny_native_llada_dir, tmp_pa
         tokenize(make(tiny_native_llada_dir, tmp_path / "c", source=str(tmp_path)))  # an empty folder
     with pytest.raises(ConfigError, match="no tokenized data"):
         load_tokenized(tmp_path / "missing")
+
+
+def test_a_failed_tokenize_keeps_the_previous_dataset(tiny_native_llada_dir, tmp_path, monkeypatch):
+    """The disk fills up while `tokenize --overwrite` writes: the previous dataset stays, nothing is left over."""
+    import datasets
+
+    out = tmp_path / "d"
+    tokenize(make(tiny_native_llada_dir, out, eval_size=0.25))
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_save = datasets.DatasetDict.save_to_disk
+
+    def disk_full(self, path, *a, **k):
+        real_save(self, path, *a, **k)  # the arrow files are written ...
+        raise OSError(28, "No space left on device")  # ... and then the disk is full
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tokenize(make(tiny_native_llada_dir, out, eval_size=3), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    dsd, meta = load_tokenized(out)
+    assert (len(dsd["train"]), len(dsd["eval"])) == (12, 4) and meta["stats"]["eval"] == 4
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", real_save)
+    tokenize(make(tiny_native_llada_dir, out, eval_size=3), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and len(load_tokenized(out)[0]["eval"]) == 3

@@ -326,3 +326,49 @@ def test_pretrain_objective_on_packed_text(tiny_native_llada_dir, tmp_path):
     res = tokenize(cfg)
     assert res.stats["kept"] >= 4
     assert sft(cfg).metrics["loss"] > 0
+
+
+def test_a_failed_final_save_keeps_the_previous_final(tiny_native_llada_dir, tiny_data, tmp_path, monkeypatch):
+    """The disk fills up while a resumed run writes final/: the previous final/ (and every checkpoint) stays."""
+    import stat
+
+    import difflm.training.loop as loop_mod
+
+    run = tmp_path / "r"
+    old = os.umask(0o022)
+    try:
+        sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 1}))
+    finally:
+        os.umask(old)
+    final = run / "final"
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    assert json.loads(before["difflm_training.json"])["steps"] == 1
+    assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o644}  # model.safetensors too, not 0600
+    real_save = loop_mod._save_model
+
+    def disk_full(acc, model, out_dir, dlm):
+        real_save(acc, model, out_dir, dlm)  # the files are written ...
+        if out_dir.name != "model":  # (a checkpoint's model/ is saved as usual)
+            raise OSError(28, "No space left on device")  # ... and then the disk is full
+
+    monkeypatch.setattr(loop_mod, "_save_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 2, "resume": True}))
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "command.txt", "final", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    monkeypatch.setattr(loop_mod, "_save_model", real_save)
+    sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 2, "resume": True}))
+    assert json.loads((final / "difflm_training.json").read_text())["steps"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "command.txt", "final", "metrics.jsonl", "recipe.yaml"]
+
+
+def test_overwrite_replaces_the_old_run_in_one_swap(tiny_native_llada_dir, tiny_data, tmp_path):
+    """--overwrite starts over: nothing of the old run (a later checkpoint, its metrics) survives, no temp folder."""
+    run = tmp_path / "r"
+    sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 2, "save_every": 1}))
+    sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 1, "overwrite": True}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001"]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert json.loads((run / "final" / "difflm_training.json").read_text())["steps"] == 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tarfile
 import time
@@ -194,6 +193,7 @@ def export(args) -> int:
     weights load as fp32 by default), tokenizer, MODEL_CARD.md."""
     import torch
 
+    from difflm.io import atomic_directory
     from difflm.models import load_model, save_native
 
     from . import heldout_loss
@@ -204,19 +204,18 @@ def export(args) -> int:
     loss32 = heldout_loss(model, rows)
     params = sum(p.numel() for p in model.module.parameters())
     model.module.to(torch.float16)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_native(model, tmp)
-    (tmp / "generation_config.json").unlink(missing_ok=True)
-    config = json.loads((tmp / "config.json").read_text())
-    config["dtype"] = "float32"  # stored fp16 (half the size), computed in fp32 on load
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    loss16 = heldout_loss(load_model(str(tmp), device="cpu"), rows)
-    train_loss, eval_loss, step, elapsed = _metrics(run)
-    size = (tmp / "model.safetensors").stat().st_size
-    card = CARDS[args.name]
-    c = config
-    text = f"""# {args.name}
+    with atomic_directory(dest) as tmp:  # the previous export stays until this one is complete
+        save_native(model, tmp)
+        (tmp / "generation_config.json").unlink(missing_ok=True)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = "float32"  # stored fp16 (half the size), computed in fp32 on load
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        loss16 = heldout_loss(load_model(str(tmp), device="cpu"), rows)
+        train_loss, eval_loss, step, elapsed = _metrics(run)
+        size = (tmp / "model.safetensors").stat().st_size
+        card = CARDS[args.name]
+        c = config
+        text = f"""# {args.name}
 
 {card['what']} Built by `make tiny-models` (tiny.mk) with difflm's own commands; part of difflm (code: Apache-2.0).
 
@@ -251,9 +250,7 @@ Try it:
 {card['use']}
 ```
 """
-    (tmp / "MODEL_CARD.md").write_text(text)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+        (tmp / "MODEL_CARD.md").write_text(text)
     print(f"exported {args.name}: {params / 1e6:.2f}M params, {size / 1e6:.1f} MB fp16, held-out loss "
           f"fp32 {loss32:.4f} / fp16 {loss16:.4f}, eval loss {eval_loss}, {elapsed:.0f} s")
     return 0

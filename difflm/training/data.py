@@ -24,7 +24,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -358,15 +357,12 @@ def tokenize(
         "stats": stats,
     }
     say(f"writing {out}")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dsd.save_to_disk(str(tmp))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / "recipe.yaml").write_text(dump_yaml({"model": to_dict(recipe.model), "data": to_dict(data)}))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from difflm.io import atomic_directory
+
+    with atomic_directory(out) as tmp:  # the previous dataset stays until this one is complete
+        dsd.save_to_disk(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "recipe.yaml").write_text(dump_yaml({"model": to_dict(recipe.model), "data": to_dict(data)}))
     return TokenizeResult(out, stats, meta)
 
 

@@ -45,6 +45,7 @@ import torch
 
 from difflm.config import dump_yaml, load_yaml, to_dict
 from difflm.errors import ConfigError
+from difflm.io import atomic_directory
 
 from .losses import seed_for, sft_batch_loss, weight_decay_groups
 from .recipes import TrainRecipe
@@ -342,15 +343,20 @@ def _create_output(recipe: TrainRecipe, acc, kind: str, ckpt: Path | None) -> No
     out = Path(t.output_dir)
     acc.wait_for_everyone()  # every rank has looked before the main rank changes anything
     if acc.is_main_process:
-        if t.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:  # a fresh start (also --resume before any checkpoint): no stale metrics
-            (out / METRICS_FILE).unlink(missing_ok=True)
         from difflm.io import atomic_write_text
 
-        atomic_write_text(out / "recipe.yaml", dump_yaml(recipe))
-        (out / "command.txt").write_text(kind + "\n")
+        def write(folder: Path) -> None:
+            atomic_write_text(folder / "recipe.yaml", dump_yaml(recipe))
+            (folder / "command.txt").write_text(kind + "\n")
+
+        if t.overwrite and out.exists():  # the old run goes in one swap, never half-deleted
+            with atomic_directory(out) as tmp:
+                write(tmp)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            if ckpt is None:  # a fresh start (also --resume before any checkpoint): no stale metrics
+                (out / METRICS_FILE).unlink(missing_ok=True)
+            write(out)
     acc.wait_for_everyone()
 
 
@@ -518,25 +524,18 @@ def train(
     def save_checkpoint(step: int) -> Path:
         root = out / CHECKPOINTS
         final = root / f"step-{step:07d}"
-        tmp = root / f".step-{step:07d}.tmp"
+        # every rank writes into checkpoints/.step-N.tmp (accelerate's state: one RNG file per rank)
+        with atomic_directory(final, sync=acc.wait_for_everyone, owner=acc.is_main_process) as tmp:
+            _save_model(acc, model, tmp / "model", dlm)
+            acc.save_state(str(tmp / "state"))
+            if acc.is_main_process:
+                state = {
+                    "step": step, "total_steps": total, "consumed_sequences": step * t.global_batch,
+                    "epoch": step * t.global_batch / n_train, "world_size": world, "accumulation": accum,
+                    "kind": kind, "time": time.time(),
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        _save_model(acc, model, tmp / "model", dlm)
-        acc.save_state(str(tmp / "state"))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {
-                "step": step, "total_steps": total, "consumed_sequences": step * t.global_batch,
-                "epoch": step * t.global_batch / n_train, "world_size": world, "accumulation": accum,
-                "kind": kind, "time": time.time(),
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
             for old in done[: -t.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -618,13 +617,12 @@ def train(
     final_dir = out / "final"
     if start < total or latest_checkpoint(out) is None:
         save_checkpoint(total)
-    if acc.is_main_process and final_dir.exists():
-        shutil.rmtree(final_dir)
-    acc.wait_for_everyone()
-    _save_model(acc, model, final_dir, dlm)
-    if acc.is_main_process:
-        summary = {"kind": kind, "steps": total, "last": last, "eval": last_eval, "recipe": to_dict(recipe)}
-        (final_dir / "difflm_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # the previous final/ stays until the new one is complete (only the main rank writes; FSDP gathers on all)
+    with atomic_directory(final_dir) if acc.is_main_process else nullcontext(final_dir) as tmp:
+        _save_model(acc, model, tmp, dlm)
+        if acc.is_main_process:
+            summary = {"kind": kind, "steps": total, "last": last, "eval": last_eval, "recipe": to_dict(recipe)}
+            (tmp / "difflm_training.json").write_text(json.dumps(summary, indent=2) + "\n")
     acc.wait_for_everyone()
     emit({"event": "done", "steps": total, "final": str(final_dir), "output_dir": str(out)})
     dlm.module = acc.unwrap_model(model)
