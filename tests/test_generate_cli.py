@@ -16,6 +16,7 @@ from cli.main import app
 from difflm.config import load_recipe
 from difflm.errors import ConfigError
 from difflm.generation import GenerateRecipe, run_generate
+from difflm.testing import free_port
 
 FIX = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, t
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "cli.main", "generate", *common, "-o", str(multi)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
