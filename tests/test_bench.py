@@ -55,6 +55,7 @@ def tiny():
     "batch,steps,block,pad",
     [(1, 64, 32, False), (2, 16, 32, False), (2, 8, 64, False), (2, 32, 32, True)],
 )
+@pytest.mark.numerics
 def test_greedy_llada_reference_equals_difflm(tiny, batch, steps, block, pad):
     model, ids, p = tiny
     g = torch.Generator().manual_seed(batch * 100 + steps)
@@ -113,6 +114,7 @@ def _difflm_step_probs(logits, x, t, s, k, top_k):
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.numerics
 def test_conv_reference_weights_equal_difflm_step(top_k):
     table = _table()
     x = torch.full((2, P + L), MASK)
@@ -140,6 +142,7 @@ def _freqs(gen: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.numerics
 def test_conv_first_step_samplers_match_reference_distribution(top_k):
     n, steps, k = 4000, 4, 9
     table = _table(1)
@@ -180,6 +183,8 @@ DECODER_KEYS = {
 }
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_bench_tiny_cli_writes_json(tmp_path):
     # float64: the greedy equivalence checks compare LLaDA's loop (head over all positions) with difflm's
     # (logits_to_keep), different GEMMs; in float32 a near-tie could flip a token (see the tiny fixture)

@@ -109,6 +109,7 @@ def test_conv_counts_hand_worked():
     assert S.conv_counts(known, 1).tolist() == [known.long().tolist()[0]]
 
 
+@pytest.mark.numerics
 def test_conv_scale_values():
     s = S.conv_scale(torch.tensor([0, 1, 2, 3]), 1.0)
     assert torch.allclose(s, torch.tensor([0.0, 0.7615941559557649, 0.9640275800758169, 0.9950547536867305], dtype=torch.float64))
@@ -173,6 +174,7 @@ N_ROWS = 6000
     "method,k",
     [("categorical", None), ("topk", 2), ("topk", 1), ("conv", 2), ("conv", None)],
 )
+@pytest.mark.numerics
 def test_first_step_distribution(method, k):
     plen, L, steps = 2, 8, 4
     table = make_table(plen, L, seed=3)
@@ -199,6 +201,7 @@ def test_first_step_distribution(method, k):
         assert (x[:, u == 0] == MASK).all()
 
 
+@pytest.mark.numerics
 def test_semi_ar_first_step_is_topk_inside_the_block():
     plen, L, steps = 1, 8, 8  # 2 blocks of 4, 4 steps per block
     table = make_table(plen, L, seed=5)
@@ -261,6 +264,7 @@ def llada_first_commit_law(logits, temperature):
     return law
 
 
+@pytest.mark.numerics
 def test_llada_sampling_temperature_distribution():
     # one block, 1 token per step: the (position, token) committed at the first step against its exact law
     plen, L, T = 1, 4, 0.7
@@ -393,6 +397,7 @@ def test_identical_prompts_get_independent_noise(tiny_llama, method):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.numerics
 def test_batch_equals_single_with_left_padding(tiny_llama, method):
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12]]
     plen = max(map(len, prompts))
@@ -504,6 +509,7 @@ def test_item_seed_is_stable():
 # ------------------------------------------------------------------------------------------------
 # approximate KV cache (prefix / dual) on the native Llama path
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.numerics
 def test_cached_window_logits_equal_full_forward_right_after_refresh(tiny_llama, mode):
     from difflm.decoding.cache import BlockCache
 
@@ -521,6 +527,7 @@ def test_cached_window_logits_equal_full_forward_right_after_refresh(tiny_llama,
 
 @pytest.mark.parametrize("method", ["llada", "threshold", "semi_ar"])
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.numerics
 def test_cache_refreshed_every_step_gives_uncached_tokens(tiny_llama, method, mode):
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
     ids = torch.tensor([[TPAD] * (6 - len(p)) + p for p in prompts])
@@ -562,6 +569,7 @@ def test_llada_conv_with_threshold_commits_at_least_one_per_step():
     assert torch.equal(one.sequences, plain.sequences) and one.nfe == 16
 
 
+@pytest.mark.numerics
 def test_diffusionlm_asks_for_the_generated_positions_only(tiny_native_llada_dir):
     """logits_to_keep on the native LLaDA path: the same tokens as slicing the full logits."""
     from difflm.models import load_model

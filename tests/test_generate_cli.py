@@ -52,6 +52,7 @@ def test_generate_writes_alpaca_eval_records_manifest_and_config(tiny_llada_dir,
     assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
 
 
+@pytest.mark.numerics
 def test_outputs_do_not_depend_on_batch_size(tiny_llada_dir, tmp_path):
     """Batch 1 and batch 3 (left-padded prompts: masked attention) are different kernel paths, so the model
     runs in float64 here: a token can only flip where two candidates are within ~1e-12 (in float32 they
@@ -152,6 +153,8 @@ def test_live_view_and_prompt_printing(tiny_llada_dir):
     assert "prompt-0" in res.output
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, tmp_path):
     pytest.importorskip("torch.distributed.run")
     common = ["-m", str(tiny_llada_dir), "--eval-set", "gsm8k", "--data-path", str(FIX / "gsm8k.jsonl"),
