@@ -13,6 +13,8 @@ through exactly the same loading path as it does for LLaDA-8B:
 - `build_tiny_mlm(dir)` / `build_tiny_ar(dir)`: a tiny BERT masked LM / causal Llama.
 - `TinyMDLM` / `TinyDream`: small stand-ins with the call signatures of the MDLM and Dream remote
   code (which cannot be downloaded offline), for testing the adapters and the samplers.
+- `free_port()`: a free TCP port for torchrun; `network_attempts()`: a block in which every connection
+  attempt fails at once and is recorded (offline code paths are checked by "tried nothing", not by a clock).
 
 All random weights come from a seeded `torch.Generator`, so a given set of arguments always gives
 the same checkpoint (and the same logits).

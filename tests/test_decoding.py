@@ -383,7 +383,13 @@ def test_no_mask_left_and_seed_determinism(tiny_llama, method):
     assert torch.equal(a.sequences, b.sequences)
     assert not (a.sequences == TMASK).any()
     assert torch.equal(a.sequences[:, :4], prompt)
-    assert a.nfe <= 16 and a.nfe >= 1
+    # one pass per step (LLaDA's schedule: exactly `steps`); threshold: at least one token per pass, >= 1 per block
+    if method == "threshold":
+        assert 2 <= a.nfe <= 16
+    elif method in ("llada", "llada_conv"):
+        assert a.nfe == 8
+    else:
+        assert 1 <= a.nfe <= 8
 
 
 @pytest.mark.parametrize("method", ["categorical", "topk", "conv", "remdm"])
@@ -520,9 +526,10 @@ def test_cached_window_logits_equal_full_forward_right_after_refresh(tiny_llama,
     lo, hi = 8, (12 if mode == "dual" else 20)
     full = kv.full(x, am, lo, hi)
     part = kv.step(x)
-    assert torch.allclose(part, full[:, lo:hi], atol=1e-5)
+    # float64 (tiny_llama): measured difference 0.0; 1e-12 leaves room for another summation order only
+    assert torch.allclose(part, full[:, lo:hi], atol=1e-12, rtol=0)
     part2 = kv.step(x)  # the cache was cropped back: the same again
-    assert torch.allclose(part2, part, atol=1e-6)
+    assert torch.allclose(part2, part, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["llada", "threshold", "semi_ar"])
