@@ -75,7 +75,7 @@ PRESETS = {
     "tiny": Preset("tiny", 1000, 64, 2, 4, 128, 16, 64, repeats=3, methods=ALL_METHODS),
     "synthetic-32k": Preset("synthetic-32k", 32000, 256, 4, 4, 688, 256, 256, max_steps=32, methods=ALL_METHODS),
     "synthetic-126k": Preset("synthetic-126k", 126464, 256, 2, 4, 688, 256, 256, max_steps=8, methods=ALL_METHODS),
-    # LLaDA-8B's shapes (../shared/data/llada-8b-instruct-config.json); prompt ~ a GSM8K question
+    # LLaDA-8B's shapes (GSAI-ML/LLaDA-8B-Instruct's config.json); prompt ~ a GSM8K question
     "llada-8b": Preset(
         "llada-8b", 126464, 4096, 32, 32, 12288, 150, 256, device="cuda", dtype="bfloat16", max_steps=32,
         methods=GPU_METHODS, gpu_only=True,

@@ -172,6 +172,8 @@ def test_hub_offline_is_an_immediate_config_error(tmp_path):
         "        load_eval_set('gsm8k')\n"
         "    except ConfigError as e:\n"
         "        print(e)\n"
+        "    else:\n"
+        "        print('no ConfigError')\n"
         "print(len(attempts), attempts[:3])\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
