@@ -75,7 +75,7 @@ PRESETS = {
     "tiny": Preset("tiny", 1000, 64, 2, 4, 128, 16, 64, repeats=3, methods=ALL_METHODS),
     "synthetic-32k": Preset("synthetic-32k", 32000, 256, 4, 4, 688, 256, 256, max_steps=32, methods=ALL_METHODS),
     "synthetic-126k": Preset("synthetic-126k", 126464, 256, 2, 4, 688, 256, 256, max_steps=8, methods=ALL_METHODS),
-    # LLaDA-8B's shapes (../shared/data/llada-8b-instruct-config.json); prompt ~ a GSM8K question
+    # LLaDA-8B's shapes (GSAI-ML/LLaDA-8B-Instruct's config.json); prompt ~ a GSM8K question
     "llada-8b": Preset(
         "llada-8b", 126464, 4096, 32, 32, 12288, 150, 256, device="cuda", dtype="bfloat16", max_steps=32,
         methods=GPU_METHODS, gpu_only=True,
@@ -562,7 +562,8 @@ def parse_args(argv=None):
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--temperature", type=float, default=1.0, help="temperature of conv/topk (llada-style: 0)")
     ap.add_argument("--device", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float64"],
+                    help="float64: CPU tests, where the reference-vs-difflm equivalence must not hinge on float32 near-ties")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--max-steps", type=int, help="time only the first N steps of a decoder, extrapolate (0: off)")
     ap.add_argument("--warmup-steps", type=int, default=2)
@@ -625,7 +626,7 @@ def main(argv=None) -> int:
         machine=machine_info(device),
         versions=versions(),
         settings={k: v for k, v in vars(args).items()},
-        model=dict(asdict(preset), scale_down=args.scale_down, params=n_params, init_s=init_s, **ids),
+        model=dict(asdict(preset), dtype=args.dtype, scale_down=args.scale_down, params=n_params, init_s=init_s, **ids),
         runs=[],
     )
     m = record["machine"]

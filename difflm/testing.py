@@ -13,6 +13,8 @@ through exactly the same loading path as it does for LLaDA-8B:
 - `build_tiny_mlm(dir)` / `build_tiny_ar(dir)`: a tiny BERT masked LM / causal Llama.
 - `TinyMDLM` / `TinyDream`: small stand-ins with the call signatures of the MDLM and Dream remote
   code (which cannot be downloaded offline), for testing the adapters and the samplers.
+- `free_port()`: a free TCP port for torchrun; `network_attempts()`: a block in which every connection
+  attempt fails at once and is recorded (offline code paths are checked by "tried nothing", not by a clock).
 
 All random weights come from a seeded `torch.Generator`, so a given set of arguments always gives
 the same checkpoint (and the same logits).
@@ -20,7 +22,9 @@ the same checkpoint (and the same logits).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import string
 from pathlib import Path
 
@@ -37,6 +41,8 @@ __all__ = [
     "build_tiny_mlm",
     "build_tiny_native_llada",
     "build_tiny_tokenizer",
+    "free_port",
+    "network_attempts",
     "tiny_token_ids",
 ]
 
@@ -158,6 +164,47 @@ def tiny_token_ids(tokenizer=None) -> dict[str, int]:
     }
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the OS picks it), e.g. for torchrun's --master_port:
+    a fixed port collides with another test run or service on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def network_attempts():
+    """Inside the block every DNS lookup and every TCP/UDP connect fails at once with OSError, as on a machine
+    without network, and is recorded in the yielded list (so a test can assert that an offline code path did
+    not try the network at all, instead of timing it). Local (AF_UNIX) sockets are left alone."""
+    attempts: list = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo, real_create = socket.getaddrinfo, socket.create_connection
+
+    def _refuse(what, address):
+        attempts.append((what, address))
+        raise OSError(f"network_attempts: {what} {address!r} refused")
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            _refuse("connect", address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            _refuse("connect", address)
+        return real_connect_ex(self, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+    socket.getaddrinfo = lambda host, *a, **k: _refuse("getaddrinfo", host)
+    socket.create_connection = lambda address, *a, **k: _refuse("create_connection", address)
+    try:
+        yield attempts
+    finally:
+        socket.socket.connect, socket.socket.connect_ex = real_connect, real_connect_ex
+        socket.getaddrinfo, socket.create_connection = real_getaddrinfo, real_create
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -179,7 +226,7 @@ def build_tiny_llada_checkpoint(
     `embedding_size`, ...), scaled down; the weights use LLaDA's parameter names
     (`model.transformer.blocks.{i}.q_proj.weight`, ...). The ids match the tiny tokenizer (mask id =
     `<|mask|>`'s id, eos = `<|eos|>`, pad = `<|pad|>`), which is saved alongside when
-    `with_tokenizer` (without it the folder looks like `../shared/data/llada-tiny-reference`).
+    `with_tokenizer` (without it the folder looks like `tests/fixtures/llada-tiny-reference`).
 
     `vocab_size` defaults to the tokenizer's size rounded up to a multiple of 8 (LLaDA's embedding
     is also larger than its tokenizer). The norm weights are random too (around 1), so a swapped
@@ -379,7 +426,7 @@ class TinyDream(_TinyBidirectional):
         return SimpleNamespace(logits=self.body(input_ids, key_padding=key_padding))
 
 
-# LLaDA-8B-Instruct's config.json (../shared/data/llada-8b-instruct-config.json); the size fields and
+# LLaDA-8B-Instruct's config.json (the same fields as tests/fixtures/llada-tiny-reference/config.json); the size fields and
 # ids are overwritten by build_tiny_llada_checkpoint.
 _LLADA_CONFIG_TEMPLATE = r"""
 {

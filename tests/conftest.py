@@ -23,13 +23,6 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path | None:
-    """`../shared/data` next to the repo (or $DIFFLM_SHARED_DATA); None in users' clones."""
-    path = Path(os.environ.get("DIFFLM_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-    return path if path.is_dir() else None
-
-
-@pytest.fixture(scope="session")
 def tiny_llada_dir(tmp_path_factory) -> Path:
     """A random tiny checkpoint in LLaDA's own format, with the tiny tokenizer."""
     from difflm.testing import build_tiny_llada_checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,14 +72,21 @@ def test_generate_defaults_to_the_embedded_model():
     assert GenerateRecipe().model.name == "tiny-shakespeare"
 
 
+@pytest.mark.numerics
 def test_tiny_shakespeare_beats_untrained(models):
+    # Measured (held-out loss, nats/token, the mean over 3 mask draws; OMP_NUM_THREADS 1 and 2 alike): trained
+    # 5.98 (5.96, 5.95, 6.03); untrained seeds 0-3: 7.63, 7.64, 7.62, 7.69; the trained weights shuffled 7.75;
+    # uniform ln(2048) = 7.62. A gap of 1.67 nats against a floor of 0.8; a broken model has a gap <= 0.
     m = models["tiny-shakespeare"]
     rows = text_rows(m.tokenizer, JULIUS_CAESAR_LINES)
-    trained, untrained = heldout_loss(m, rows), heldout_loss(_untrained(m), rows)
-    assert trained < untrained - 1.5, (trained, untrained)
+    trained = sum(heldout_loss(m, rows, seed=s) for s in range(3)) / 3
+    untrained = heldout_loss(_untrained(m), rows)
+    assert trained < untrained - 0.8, (trained, untrained)
 
 
+@pytest.mark.numerics
 def test_tiny_math_beats_untrained(models):
+    # Measured: 1.03 nats/token for both against 7.64-7.76 untrained (seeds 0-2): a gap of 6.7 against 3.0
     for name in ("tiny-math", "tiny-math-r2ft"):
         m = models[name]
         rows = math_rows(m.tokenizer, math_problems(32, seed=0, split="test"), m.ids.eos_id)
@@ -86,19 +94,42 @@ def test_tiny_math_beats_untrained(models):
         assert trained < untrained - 3.0, (name, trained, untrained)
 
 
-def test_tiny_math_accuracy_above_chance(models):
+def _reads_the_question(outs: list[str], problems: list[dict]) -> dict[str, float]:
+    """Rates over the problems: the answer ends in GSM8K's `#### <int>` line (`format`); its first equation
+    uses the reference solution's operation (`operation`); its first number is the question's (`copies`)."""
+    fmt = op = copies = 0
+    for out, p in zip(outs, problems):
+        fmt += bool(re.search(r"\n#### \d+\s*$", out))
+        want, got = re.search(r" ([-+*/]) ", p["output"]), re.search(r" ([-+*/]) ", out)
+        op += bool(want and got and want.group(1) == got.group(1))
+        numbers = re.findall(r"\d+", out)
+        copies += bool(numbers) and numbers[0] == re.findall(r"\d+", p["instruction"])[0]
+    n = len(problems)
+    return {"format": fmt / n, "operation": op / n, "copies": copies / n}
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_tiny_math_answers_the_question_it_is_asked(models):
+    """tiny-math is weak: exact answers are 4 of these 50 (0.08), 0 of the 50 of seed 3, 4.4% of 500, so
+    accuracy is too noisy for a floor. What it does reliably is answer in the trained format with the
+    question's operation and numbers, which an untrained model, a wrong tokenizer or a decoder that loses the
+    prompt do not. Measured, greedy LLaDA decoding, seeds 1 and 3 (OMP_NUM_THREADS 1 and 2 alike):
+      trained:                           format 0.98, 0.98  operation 1.00, 1.00  copies 0.48, 0.54
+      its answers scored on other questions (a prompt-ignoring model):
+                                         format 0.98        operation 0.36, 0.32  copies 0.02, 0.02
+      untrained weights:                 format 0.00        operation 0.00        copies 0.00
+    """
     problems = math_problems(50, seed=1, split="test")
     cfg = DecodeConfig(method="llada", gen_length=32, steps=32, temperature=0.0)
     outs = generate_text(models["tiny-math"], [p["instruction"] for p in problems], cfg, prompt_format="raw", batch_size=50)
+    rates = _reads_the_question(outs, problems)
+    assert rates["format"] >= 0.8 and rates["operation"] >= 0.75 and rates["copies"] >= 0.25, (rates, outs[:3])
     acc = sum(is_correct(o, p["output"]) for o, p in zip(outs, problems)) / len(problems)
-    assert acc >= ACCURACY_FLOOR, (acc, outs[:3])
+    print(f"\ntiny-math: {rates}, exact answers {acc:.2f} (no floor: see the docstring)")
 
 
-# Measured on the shipped weights: 4 of these 50 (0.08; 4.4% on 500 problems); chance is ~0.01 (integer answers
-# 1..~150) and the untrained model scores 0. A weak model: the floor only guards against a broken load or decoder.
-ACCURACY_FLOOR = 0.04
-
-
+@pytest.mark.slow
 def test_demo_runs():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(

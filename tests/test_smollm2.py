@@ -53,6 +53,7 @@ def smollm2():
     return model
 
 
+@pytest.mark.slow
 def test_loads_by_name_offline_as_an_ar_model_with_chatml(smollm2):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: the Hub is never contacted
     m = smollm2
@@ -71,6 +72,8 @@ def test_loads_by_name_offline_as_an_ar_model_with_chatml(smollm2):
     print(f"\nsmollm2-135m-instruct load: {m.load_seconds:.1f} s")
 
 
+@pytest.mark.numerics
+@pytest.mark.slow
 def test_answers_a_factual_question_and_stops_at_im_end(smollm2):
     cfg = DecodeConfig(method="nucleus", gen_length=16, temperature=0.0)  # greedy
     items = [{"id": "q", "instruction": "What is the capital of France?", "dataset": "prompts"}]
@@ -86,6 +89,7 @@ def test_answers_a_factual_question_and_stops_at_im_end(smollm2):
     print(f"\ngreedy answer in {seconds:.1f} s: {rec['output']!r}")
 
 
+@pytest.mark.slow
 def test_reference_answers_for_alpaca_eval(smollm2, tmp_path, request):
     """`difflm generate --decode nucleus` on the alpaca_eval fixture -> a file `difflm eval alpaca` takes as
     the reference (judged here by the fake judge of conftest: no network, no key)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from difflm.config import from_dict, merge, to_dict
+from difflm.testing import free_port
 from difflm.training import TrainRecipe, sft, tokenize, train
 from difflm.training.losses import sft_batch_loss
 
@@ -54,12 +54,6 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
         else:
             assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 
