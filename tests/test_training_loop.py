@@ -64,30 +64,40 @@ def free_port() -> int:
 
 
 # -- learning --------------------------------------------------------------------------------------
+# Measured with this recipe (train.seed 0-4; in-process torch runs 1 thread, and a standalone run with
+# torch.set_num_threads(2) gave the same numbers to 3 decimals): fixed-noise probe after/before 0.011, 0.066,
+# 0.032, 0.023, 0.031; last/first 5 logged losses 0.013-0.066. The old recipe (lr 1e-2, 40 steps, eps 1e-3)
+# gave 0.60 (seed 0; 0.601 on an Intel Xeon), 0.66-0.72 (seeds 1-3) against a 0.6 bar: lr 1e-2 is more than
+# AdamW takes on this model (the loss stalls near 0.6x, and where it stalls is a float accident), 40 steps
+# are too few, and t down to 1e-3 gives 1/t weights up to 1000 whose spikes dominate the clipped,
+# Adam-normalised steps. A broken loop (no optimiser step, the loss's sign flipped) stays at >= 1x.
+OVERFIT = {"train": {"global_batch": 8, "micro_batch": 8, "max_steps": 150, "eps": 0.2}, "optim": {"lr": 3e-3}}
+
+
 def test_loss_falls_when_overfitting_8_examples(tiny_native_llada_dir, tmp_path):
     from datasets import load_from_disk
 
     from difflm.models import load_model
 
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()][:8]
-    cfg = recipe(tiny_native_llada_dir, tmp_path / "d8", tmp_path / "run",
-                 train={"global_batch": 8, "micro_batch": 8, "max_steps": 40}, optim={"lr": 1e-2})
+    cfg = recipe(tiny_native_llada_dir, tmp_path / "d8", tmp_path / "run", **OVERFIT)
     tokenize(cfg, rows=rows)
     ds = load_from_disk(str(tmp_path / "d8"))["train"].with_format("torch")
     batch = ds[list(range(len(ds)))]
 
-    def fixed_noise_loss(m) -> float:  # the same masks and t before and after
+    def fixed_noise_loss(m) -> float:  # the same masks and t before and after (16 draws per example)
         with torch.no_grad():
-            return float(sft_batch_loss(m, batch, list(range(len(ds))), seed=123, mask_id=m.ids.mask_id, tag="probe")[0])
+            return sum(float(sft_batch_loss(m, batch, list(range(len(ds))), seed=s, mask_id=m.ids.mask_id, eps=0.2,
+                                            tag="probe")[0]) for s in range(16)) / 16
 
     before = fixed_noise_loss(load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu"))
     result = sft(cfg)
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 41))
+    assert [m["step"] for m in metrics] == list(range(1, 151))
     after = fixed_noise_loss(load_model(str(result.final_dir), dtype="float32", device="cpu"))
-    assert after < 0.6 * before, (before, after)
+    assert after < 0.3 * before, (before, after)  # measured 0.011-0.066x
     first, last = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
-    assert last < 0.6 * first
+    assert last < 0.3 * first, (first, last)  # measured 0.013-0.066x
 
 
 def test_gradient_accumulation_4x1_equals_batch_4(tiny_native_llada_dir, tiny_data, tmp_path):
