@@ -99,7 +99,16 @@ def test_eval_alpaca_accepts_generate_outputs_end_to_end(generated, tmp_path, fa
     from difflm.eval.alpaca import evaluate_files
 
     res = evaluate_files(generated, REFERENCE, output_dir=tmp_path / "ae", results=tmp_path / "s.json")
-    assert res["n_total"] == 5 and 0.0 <= res["win_rate"] <= 100.0
+    # the fake judge prefers the longer output: the win rate follows from the lengths alone (an equal
+    # length goes either way, by alpaca_eval's seeded swap of the pair)
+    ref = {r["instruction"]: r["output"] for r in json.loads(REFERENCE.read_text())}
+    mine = {r["instruction"]: r["output"] for r in json.loads(generated.read_text())}
+    assert mine.keys() == ref.keys()
+    longer = sum(len(mine[k]) > len(ref[k]) for k in ref)
+    ties = sum(len(mine[k]) == len(ref[k]) for k in ref)
+    assert res["n_total"] == 5 and res["n_draws"] == 0
+    assert longer <= res["n_wins"] <= longer + ties
+    assert res["win_rate"] == pytest.approx(100 * res["n_wins"] / 5, abs=1e-6)
     assert res["manifest"] == str(generated) + ".manifest.json"
     assert res["settings"]["method"] == "conv" and res["settings"]["steps"] == 4
     assert json.loads((tmp_path / "s.json").read_text())["generator"].endswith("-conv")

@@ -322,9 +322,39 @@ def test_ar_objective_and_ar_r2ft_on_a_causal_model(tmp_path):
     tokenize(cfg)
     result = sft(cfg)
     assert result.metrics["loss"] > 0
-    r2 = train(recipe(result.final_dir, tmp_path / "d", tmp_path / "r2", model={"family": "ar"},
-                      train={"objective": "ar", "max_steps": 1}), "r2ft")
-    assert r2.metrics["lw"] < 0 and r2.metrics["ll"] < 0
+    r2cfg = recipe(result.final_dir, tmp_path / "d", tmp_path / "r2", model={"family": "ar"},
+                   train={"objective": "ar", "max_steps": 1})
+    r2 = train(r2cfg, "r2ft")
+    # step 1's LW/LL are the SFT model's on the first global batch: recompute them by hand (teacher forcing,
+    # float64 log-softmax, one sequence at a time, so other kernels than the loop's batched pass: tolerance)
+    from datasets import load_from_disk
+
+    from difflm.models import load_model
+    from difflm.training.loop import DataStream
+    from difflm.training.losses import example_generator
+    from difflm.training.r2ft import corrupt
+
+    m = load_model(str(result.final_dir), family="ar", dtype="float32", device="cpu")
+    ds = load_from_disk(str(tmp_path / "d"))["train"]
+    stream = DataStream(len(ds), r2cfg.train.seed)
+
+    def mean_logp(seq: torch.Tensor, lo: int, hi: int) -> float:
+        with torch.no_grad():
+            lp = torch.log_softmax(m.module(seq[None, :hi]).logits[0].double(), -1)
+        return sum(float(lp[i - 1, seq[i]]) for i in range(max(lo, 1), hi)) / (hi - max(lo, 1))
+
+    lws, lls = [], []
+    for k in range(r2cfg.train.global_batch):
+        row = ds[stream.index(k)]
+        x0 = torch.tensor(row["input_ids"])
+        p, end = int(row["prompt_len"]), int(row["prompt_len"]) + int(row["answer_len"])
+        _, y_l, s, e = corrupt(x0, p, end, m.ids.eos_id, m.ids.eos_id, example_generator(r2cfg.train.seed, "train", "r2ft", k))
+        lws.append(mean_logp(x0, p, end))
+        lls.append(mean_logp(y_l, s, e))
+    lw, ll = sum(lws) / len(lws), sum(lls) / len(lls)
+    assert r2.metrics["lw"] == pytest.approx(lw, rel=1e-4, abs=1e-5), (r2.metrics["lw"], lw)
+    assert r2.metrics["ll"] == pytest.approx(ll, rel=1e-4, abs=1e-5), (r2.metrics["ll"], ll)
+    assert r2.metrics["margin"] == pytest.approx(lw - ll, rel=1e-4, abs=1e-5)
 
 
 def test_pretrain_objective_on_packed_text(tiny_native_llada_dir, tmp_path):
