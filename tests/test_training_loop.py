@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -297,12 +298,44 @@ def test_qlora_trains_a_step_and_reloads(tiny_native_llada_dir, tiny_data, tmp_p
 
 def test_r2ft_from_an_sft_checkpoint_logs_lw_ll(tiny_native_llada_dir, tiny_data, tmp_path):
     sft_run = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"max_steps": 2}))
-    result = train(recipe(sft_run.final_dir, tiny_data, tmp_path / "r2ft", train={"max_steps": 2, "eval_every": 2},
-                          r2ft={"span_min": 8, "span_max": 12}), "r2ft")
+    cfg = recipe(sft_run.final_dir, tiny_data, tmp_path / "r2ft", train={"max_steps": 2, "eval_every": 2},
+                 r2ft={"span_min": 8, "span_max": 12})
+    result = train(cfg, "r2ft")
     lines = [json.loads(x) for x in (tmp_path / "r2ft" / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if r["split"] == "train"]
     assert len(train_lines) == 2 and all({"lw", "ll", "margin"} <= set(r) for r in train_lines)
-    assert train_lines[0]["margin"] == pytest.approx(train_lines[0]["lw"] - train_lines[0]["ll"])
+    # step 1 logs the SFT model's LW, LL, margin and loss on the first global batch: recompute them by hand
+    # (one sequence at a time, float64 log-softmax with the MASK logit removed; other kernels than the
+    # loop's batched pass, so a tolerance: measured differences ~1e-7, a wrong batch, corruption, region
+    # or model is off by > 1e-2)
+    from datasets import load_from_disk
+
+    from difflm.models import load_model
+    from difflm.training.loop import DataStream
+    from difflm.training.losses import example_generator
+    from difflm.training.r2ft import corrupt
+
+    m = load_model(str(sft_run.final_dir), dtype="float32", device="cpu")
+    ds = load_from_disk(str(tiny_data))["train"]
+    stream = DataStream(len(ds), cfg.train.seed)
+    per = []
+    for k in range(cfg.train.global_batch):
+        row = ds[stream.index(k)]
+        x0 = torch.tensor(row["input_ids"])
+        p, end = int(row["prompt_len"]), int(row["prompt_len"]) + int(row["answer_len"])
+        x_t, y_l, c, e = corrupt(x0, p, end, m.ids.mask_id, m.ids.eos_id, example_generator(cfg.train.seed, "train", "r2ft", k),
+                                 span_range=(8, 12))
+        with torch.no_grad():
+            logits = m.module(x_t[None]).logits[0].double()
+        logits[:, m.ids.mask_id] = float("-inf")
+        lp = torch.log_softmax(logits, -1)
+        lw = sum(float(lp[i, x0[i]]) for i in range(max(p, c), end)) / (end - p)  # unmasked answer tokens: log 1
+        ll = sum(float(lp[i, y_l[i]]) for i in range(c, e)) / (e - c)
+        loss = math.log1p(math.exp(-(lw - ll))) - 0.1 * lw  # -log sigmoid(LW - LL) - b_a LW
+        per.append((lw, ll, lw - ll, loss))
+    want = [sum(v[j] for v in per) / len(per) for j in range(4)]
+    got = [train_lines[0][key] for key in ("lw", "ll", "margin", "loss")]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (got, want)
     assert {"eval_loss", "eval_lw", "eval_ll"} <= set(lines[-1])
     assert (result.final_dir / "model.safetensors").is_file()
 

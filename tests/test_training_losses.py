@@ -223,6 +223,32 @@ def test_r2ft_loss_equals_hand_computation():
         assert float(loss[b]) == pytest.approx(want, rel=1e-5)
 
 
+def test_r2ft_batch_loss_stats_equal_hand_computation():
+    """LW, LL, their margin and the loss of r2ft_batch_loss by hand (Python floats, i.e. float64), on a
+    fake model whose logits depend on the position only, with the corruptions the stream positions seed."""
+    from difflm.training.recipes import R2FTConfig
+
+    g = torch.Generator().manual_seed(6)
+    L = 40
+    table = torch.randn(L, V, generator=g)
+    x0 = torch.cat([torch.randint(0, 10, (2, 20), generator=g), torch.full((2, L - 20), EOS)], dim=1)
+    batch = {"input_ids": x0, "prompt_len": torch.tensor([4, 7]), "answer_len": torch.tensor([17, 14])}
+    cfg = R2FTConfig(beta_w=1.5, beta_l=0.5, beta_a=0.2, gamma=0.3, span_min=5, span_max=9)
+    loss, st = r2ft_batch_loss(lambda ids: table.expand(ids.shape[0], -1, -1), batch, [3, 8], seed=2, mask_id=MASK,
+                               eos_id=EOS, cfg=cfg)
+    want = []
+    for b, k in enumerate([3, 8]):
+        p, end = int(batch["prompt_len"][b]), int(batch["prompt_len"][b] + batch["answer_len"][b])
+        _, y_l, c, e = corrupt(x0[b], p, end, MASK, EOS, example_generator(2, "train", "r2ft", k), (1, 14), (5, 9))
+        lw = sum(_hand_logp(table[i], int(x0[b, i])) for i in range(c, end)) / (end - p)
+        ll = sum(_hand_logp(table[i], int(y_l[i])) for i in range(c, e)) / (e - c)
+        z = 1.5 * lw - 0.5 * ll - 0.3
+        want.append((lw, ll, lw - ll, math.log1p(math.exp(-z)) - 0.2 * lw))
+    for j, key in enumerate(("lw", "ll", "margin", "loss")):
+        assert st[key].tolist() == pytest.approx([w[j] for w in want], rel=1e-5, abs=1e-6), key
+    assert float(loss) == pytest.approx(sum(w[3] for w in want) / 2, rel=1e-5)
+
+
 def test_r2ft_gradient_lowers_ll(tiny_native_llada_dir):
     from difflm.models import load_model
 
