@@ -57,6 +57,23 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
 
 
+def relative_update_gap(a: dict, b: dict, start: dict) -> float:
+    """||a - b|| / ||b - start|| over all weights: how far two runs from `start` ended apart, relative to how
+    far they moved. AdamW steps each weight by about lr whatever its gradient's size, so a per-weight
+    tolerance is at the mercy of a near-zero gradient whose sign differs in the last bit between kernels;
+    in the norm over all weights one such weight is lost, a broken run (a lost micro-batch) is not."""
+    assert a.keys() == b.keys() == start.keys()
+    gap = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    moved = sum(float((b[k].double() - start[k].double()).pow(2).sum()) for k in a)
+    return (gap / moved) ** 0.5
+
+
+def start_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from difflm.models import load_model
+
+    return {k: v.detach().clone() for k, v in load_model(str(model_dir), dtype="float32", device="cpu").module.state_dict().items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,10 +121,15 @@ def test_loss_falls_when_overfitting_8_examples(tiny_native_llada_dir, tmp_path)
 def test_gradient_accumulation_4x1_equals_batch_4(tiny_native_llada_dir, tiny_data, tmp_path):
     big = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "b", train={"micro_batch": 4}))
     acc = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "a", train={"micro_batch": 1}))
-    assert_same_weights(weights(big), weights(acc), atol=1e-5)
-    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-5)
+    # micro-batches of 1 and 4 run other kernels: not bit-equal. Measured gap 3.3e-6 (max weight difference
+    # 2.7e-6); keeping only the last micro-batch's gradient gives 0.98
+    gap = relative_update_gap(weights(acc), weights(big), start_weights(tiny_native_llada_dir))
+    assert gap < 2e-2, gap
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ma] == pytest.approx([r["loss"] for r in mb], rel=1e-5)  # measured 7e-8
+    # AdamW hides a gradient 4x too large (the loss not divided by the accumulation); the norm does not
+    assert [r["grad_norm"] for r in ma] == pytest.approx([r["grad_norm"] for r in mb], rel=1e-4)  # 1.3e-7
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_native_llada_dir, tiny_data, tmp_path):
@@ -131,6 +153,8 @@ def test_stop_and_resume_equals_one_run_full(tiny_native_llada_dir, tiny_data, t
     one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", train={"max_steps": 4}))
     sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "two", train={"max_steps": 2, "save_every": 1}))
     resumed = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "two", train={"max_steps": 4, "resume": True}))
+    # bit-equal by construction: one process, one thread, the same batch shapes, the same noise, and the
+    # checkpoint stores the float32 weights and optimizer state exactly (measured: equal)
     assert_same_weights(weights(one), weights(resumed))
     steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -179,6 +203,9 @@ def test_kill_9_and_resume_ends_with_the_same_weights(tiny_native_llada_dir, tin
     assert {p.name for p in (ck / "state").iterdir()} >= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}
     resumed = sft(recipe(tiny_native_llada_dir, tiny_data, run, train={**lora["train"], "resume": True},
                          lora=lora["lora"], optim=lora["optim"]))
+    # bit-equal by construction: steps 1-4 ran in a subprocess pinned to one thread (ENV: OMP_NUM_THREADS=1)
+    # as the in-process runs are (conftest), with the same batch shapes, noise and dropout seeds, and the
+    # checkpoint holds the float32 adapter, optimizer and RNG states exactly (measured: equal)
     assert_same_weights(weights(one), weights(resumed))
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -228,8 +255,11 @@ def test_two_processes_gloo_equal_one_process(tiny_native_llada_dir, tiny_data, 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
-    assert_same_weights(w0, w1)  # DDP really synchronised the gradients
-    assert_same_weights(w0, weights(one), atol=1e-5)
+    assert_same_weights(w0, w1)  # DDP really synchronised the gradients (the same all-reduced gradients and
+    # optimiser on both ranks: bit-equal by construction)
+    # other batch shapes (and gloo's all-reduce) than one process with micro-batch 4: a stated tolerance, as above
+    gap = relative_update_gap(w0, weights(one), start_weights(tiny_native_llada_dir))
+    assert gap < 2e-2, gap
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["accumulation"] == 2
     assert {p.name for p in (tmp_path / "ddp" / "checkpoints" / "step-0000003" / "state").iterdir()} >= {
@@ -354,12 +384,12 @@ def test_ar_objective_and_ar_r2ft_on_a_causal_model(tmp_path):
     cfg = recipe(model, tmp_path / "d", tmp_path / "run", model={"family": "ar"}, train={"objective": "ar", "max_steps": 2})
     tokenize(cfg)
     result = sft(cfg)
-    assert result.metrics["loss"] > 0
     r2cfg = recipe(result.final_dir, tmp_path / "d", tmp_path / "r2", model={"family": "ar"},
                    train={"objective": "ar", "max_steps": 1})
     r2 = train(r2cfg, "r2ft")
-    # step 1's LW/LL are the SFT model's on the first global batch: recompute them by hand (teacher forcing,
-    # float64 log-softmax, one sequence at a time, so other kernels than the loop's batched pass: tolerance)
+    # the logged numbers of a step are the model's before it on that step's global batch: recompute SFT's
+    # first loss and R2FT's LW/LL by hand (teacher forcing, float64 log-softmax, one sequence at a time:
+    # other kernels than the loop's batched pass, so a tolerance; measured differences ~2e-7)
     from datasets import load_from_disk
 
     from difflm.models import load_model
@@ -367,15 +397,24 @@ def test_ar_objective_and_ar_r2ft_on_a_causal_model(tmp_path):
     from difflm.training.losses import example_generator
     from difflm.training.r2ft import corrupt
 
-    m = load_model(str(result.final_dir), family="ar", dtype="float32", device="cpu")
     ds = load_from_disk(str(tmp_path / "d"))["train"]
     stream = DataStream(len(ds), r2cfg.train.seed)
+    m = load_model(str(model), family="ar", dtype="float32", device="cpu")
 
     def mean_logp(seq: torch.Tensor, lo: int, hi: int) -> float:
         with torch.no_grad():
             lp = torch.log_softmax(m.module(seq[None, :hi]).logits[0].double(), -1)
         return sum(float(lp[i - 1, seq[i]]) for i in range(max(lo, 1), hi)) / (hi - max(lo, 1))
 
+    first = []
+    for k in range(cfg.train.global_batch):
+        row = ds[stream.index(k)]
+        p = int(row["prompt_len"])
+        first.append(-mean_logp(torch.tensor(row["input_ids"]), p, p + int(row["answer_len"])))
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert logged == pytest.approx(sum(first) / len(first), rel=1e-5), (logged, first)
+
+    m = load_model(str(result.final_dir), family="ar", dtype="float32", device="cpu")
     lws, lls = [], []
     for k in range(r2cfg.train.global_batch):
         row = ds[stream.index(k)]
@@ -397,5 +436,21 @@ def test_pretrain_objective_on_packed_text(tiny_native_llada_dir, tmp_path):
         train={"objective": "pretrain", "max_steps": 2, "micro_batch": 4},
     )
     res = tokenize(cfg)
-    assert res.stats["kept"] >= 4
-    assert sft(cfg).metrics["loss"] > 0
+    assert res.stats["kept"] >= 4  # one global batch
+    sft(cfg)
+    from datasets import load_from_disk
+
+    from difflm.models import load_model
+    from difflm.training.loop import DataStream
+
+    lines = [json.loads(x) for x in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["answer_tokens"] for r in lines] == [4 * 32, 4 * 32]  # every token of the packed chunks is trained
+    # step 1's loss is the base model's pretraining loss on the first global batch with the stream's noise
+    # (the same one batch of 4 through the same model: measured equal; a tolerance all the same)
+    ds = load_from_disk(str(tmp_path / "text"))["train"].with_format("torch")
+    stream = DataStream(len(ds), cfg.train.seed)
+    m = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    with torch.no_grad():
+        want, _ = sft_batch_loss(m, ds[[stream.index(k) for k in range(4)]], list(range(4)), seed=cfg.train.seed,
+                                 objective="pretrain", mask_id=m.ids.mask_id, eps=cfg.train.eps)
+    assert lines[0]["loss"] == pytest.approx(float(want), rel=1e-5)
