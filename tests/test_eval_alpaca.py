@@ -88,7 +88,8 @@ def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
     summary = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
     assert summary["n_total"] == 5 and summary["n_wins"] == 3 and summary["n_draws"] == 0
     assert summary["win_rate"] == pytest.approx(60.0, abs=1e-6)  # 3 longer outputs of 5
-    assert summary["standard_error"] > 0
+    # the standard error of the mean of the per-pair wins [1, 1, 1, 0, 0] (sample std, ddof 1), in percent
+    assert summary["standard_error"] == pytest.approx(100 * (0.3 / 5) ** 0.5, rel=1e-6)
     assert summary["length_controlled_winrate"] is None and "805" in summary["lc_note"]
     assert summary["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
     assert "win rate 60.00" in res.stdout

@@ -117,6 +117,12 @@ def test_mask_id_comes_from_the_model():
             mask_id = MASK
 
     ll, _ = mc_loglikelihood(WithIds(TABLE), PROMPT, ANSWER, mc_num=2, generator=torch.Generator().manual_seed(0))
-    assert math.isfinite(ll) and ll < 0
+    # the same estimate as with the MASK id given (same masks from the same seed, same arithmetic: equal);
+    # another id (0, a real token) would leave the MASK logit in and score other positions
+    want, _ = mc_loglikelihood(FixedLogits(TABLE), PROMPT, ANSWER, mask_id=MASK, mc_num=2,
+                               generator=torch.Generator().manual_seed(0))
+    other, _ = mc_loglikelihood(FixedLogits(TABLE), PROMPT, ANSWER, mask_id=0, mc_num=2,
+                                generator=torch.Generator().manual_seed(0))
+    assert ll == want and ll != other
     with pytest.raises(ValueError, match="mask_id"):
         mc_loglikelihood(FixedLogits(TABLE), PROMPT, ANSWER, mc_num=2)

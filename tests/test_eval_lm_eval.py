@@ -115,7 +115,9 @@ def test_loglikelihood_is_seeded_per_request(lm):
     reqs = [Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 3"), i) for i in range(2)]
     a = lm.loglikelihood(reqs)
     b = lm.loglikelihood(list(reversed(reqs)))
-    assert a[0] == a[1] == b[0]  # same request, same score, whatever the order
+    # same request, same score, whatever the order: each request is scored alone, with MC masks seeded by
+    # its text, so the same arithmetic runs each time and equality is exact
+    assert a[0] == a[1] == b[0]
     other = lm.loglikelihood([Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 4"), 0)])
     assert other[0][0] != a[0][0]
 
@@ -126,7 +128,9 @@ def test_generate_until_stops_and_batches(lm):
     outs = lm.generate_until(reqs)
     assert len(outs) == 3 and all(isinstance(o, str) and "e" not in o for o in outs)
     again = lm.generate_until(list(reversed(reqs)))
-    assert list(reversed(again)) == outs  # seeded from the context: independent of order and batch
+    # seeded from the context, and batched after sorting by length: reversed requests form the same batches,
+    # so the same kernels run and the outputs are equal exactly
+    assert list(reversed(again)) == outs
 
 
 def test_loglikelihood_rolling_and_chat_template(lm):
