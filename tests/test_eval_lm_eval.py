@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
@@ -56,8 +57,11 @@ def test_registered_under_difflm():
 def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo, tmp_path):
     tm = TaskManager(include_path=str(TASKS), include_defaults=False)
     assert {"difflm_tiny_gen", "difflm_tiny_choice"} <= set(tm.all_tasks)
+    # float64, so that the outputs of the harness's padded batches and of one prompt at a time (below) cannot
+    # differ by a float accident (a flip needs a top-1/top-2 tie to ~1e-15)
+    args = {"pretrained": str(tiny_llada_dir), "dtype": torch.float64, **TINY_ARGS}
     res = lm_eval.simple_evaluate(
-        model="difflm", model_args={"pretrained": str(tiny_llada_dir), **TINY_ARGS},
+        model="difflm", model_args=args,
         tasks=["difflm_tiny_gen", "difflm_tiny_choice"], task_manager=tm, limit=3, batch_size=2,
         bootstrap_iters=0, log_samples=True,
     )
@@ -66,8 +70,13 @@ def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo
     for s in gens:
         text = s["resps"][0][0]
         assert isinstance(text, str) and "\n" not in text and "Question:" not in text  # cut at the stops
-    # the harness's score is the task's rule applied to what the model produced
+    # the harness's score is the task's rule applied to what the model produced, doc by doc
     outputs = [s["filtered_resps"][0] for s in gens]
+    docs = [json.loads(x) for x in (TASKS / "tiny_qa.jsonl").read_text().splitlines()][:3]
+    alone = lm_eval_model.DifflmLM(pretrained=str(tiny_llada_dir), dtype=torch.float64, batch_size=1, **TINY_ARGS)
+    kwargs = {"until": ["\n", "Question:"], "max_gen_toks": 16, "do_sample": False}  # the task's
+    assert outputs == [alone.generate_until([Instance("generate_until", {}, (f"Question: {d['question']}\nAnswer:", kwargs), 0)])[0]
+                       for d in docs]
     assert [s["target"] for s in gens] == ["3", "Paris", "blue"]
     want = sum(_norm(o) == _norm(t) for o, t in zip(outputs, ["3", "Paris", "blue"])) / 3
     assert res["results"]["difflm_tiny_gen"]["exact_match,none"] == pytest.approx(want, abs=1e-12)
@@ -87,7 +96,6 @@ def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo
     # outputs, or scored something else, does not give it.
     task_dir = tmp_path / "echo_task"
     task_dir.mkdir()
-    docs = [json.loads(x) for x in (TASKS / "tiny_qa.jsonl").read_text().splitlines()][:3]
     docs[0]["answer"] = outputs[0].swapcase() + "!"
     docs[1]["answer"] = outputs[1] + "x"
     (task_dir / "echo.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -95,7 +103,7 @@ def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo
     yaml_text = yaml_text.replace("tests/fixtures/eval/lm_eval/tiny_qa.jsonl", str(task_dir / "echo.jsonl"))
     (task_dir / "difflm_tiny_echo.yaml").write_text(yaml_text)
     again = lm_eval.simple_evaluate(
-        model="difflm", model_args={"pretrained": str(tiny_llada_dir), **TINY_ARGS}, tasks=["difflm_tiny_echo"],
+        model="difflm", model_args=args, tasks=["difflm_tiny_echo"],
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), limit=3, batch_size=2,
         bootstrap_iters=0, log_samples=True,
     )
