@@ -386,7 +386,16 @@ def test_r2ft_continues_a_lora_adapter(tiny_native_llada_dir, tiny_data, tmp_pat
     sft_run = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"mode": "lora", "max_steps": 1}))
     result = train(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r2ft", model={"adapter": str(sft_run.final_dir)},
                           train={"mode": "lora", "max_steps": 1}), "r2ft")
-    assert (result.final_dir / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    before = load_file(str(sft_run.final_dir / "adapter_model.safetensors"))
+    after = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    # one AdamW step (fresh state, no decay) moves each weight by at most lr: R2FT continued the SFT adapter.
+    # A fresh adapter, stepped once from the same seeded init, is up to 2 lr away where the two steps' signs differ
+    lr = 2e-3
+    moved = max(float((after[k] - before[k]).abs().max()) for k in before)
+    assert 0.5 * lr < moved <= 1.01 * lr, moved
 
 
 @pytest.mark.numerics
