@@ -93,7 +93,11 @@ def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
     assert summary["length_controlled_winrate"] is None and "805" in summary["lc_note"]
     assert summary["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
     assert "win rate 60.00" in res.stdout
-    assert (tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").is_file()
+    cache = json.loads((tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").read_text())
+    # the judge's annotations are cached, one per pair: the reference as output_1, ours as output_2
+    assert sorted((a["instruction"], a["output_1"], a["output_2"]) for a in cache) == sorted(
+        (r["instruction"], r["output"], m["output"]) for r, m in zip(ref, mine))
+    assert sorted(a["preference"] for a in cache) == pytest.approx([1, 1, 2, 2, 2])
 
 
 def test_eval_alpaca_accepts_generate_outputs_end_to_end(generated, tmp_path, fake_judge):
