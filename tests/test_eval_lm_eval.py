@@ -92,8 +92,8 @@ def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo
     # A random model answers nothing right, so the score above is 0 whatever the plumbing does: rerun the
     # same prompts with doc 0's answer set to what the model said (case changed, punctuation added). The
     # same prompts in the same batches on the same machine give the same outputs, so exactly doc 0 now
-    # scores (the task ignores case and punctuation): 1/3, and a harness that lost or misordered the
-    # outputs, or scored something else, does not give it.
+    # scores (the task ignores case and punctuation): 1/3, which a scorer that applied another rule, or
+    # outputs that changed between runs, would not give.
     task_dir = tmp_path / "echo_task"
     task_dir.mkdir()
     docs[0]["answer"] = outputs[0].swapcase() + "!"
