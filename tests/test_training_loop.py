@@ -57,23 +57,6 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
             assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))
 
 
-def relative_update_gap(a: dict, b: dict, start: dict) -> float:
-    """||a - b|| / ||b - start|| over all weights: how far two runs from `start` ended apart, relative to how
-    far they moved. AdamW steps each weight by about lr whatever its gradient's size, so a per-weight
-    tolerance is at the mercy of a near-zero gradient whose sign differs in the last bit between kernels;
-    in the norm over all weights one such weight is lost, a broken run (a lost micro-batch) is not."""
-    assert a.keys() == b.keys() == start.keys()
-    gap = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
-    moved = sum(float((b[k].double() - start[k].double()).pow(2).sum()) for k in a)
-    return (gap / moved) ** 0.5
-
-
-def start_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from difflm.models import load_model
-
-    return {k: v.detach().clone() for k, v in load_model(str(model_dir), dtype="float32", device="cpu").module.state_dict().items()}
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +101,23 @@ def test_loss_falls_when_overfitting_8_examples(tiny_native_llada_dir, tmp_path)
     assert after < 0.3 * before, (before, after)  # measured 0.011-0.066x
     first, last = sum(m["loss"] for m in metrics[:5]) / 5, sum(m["loss"] for m in metrics[-5:]) / 5
     assert last < 0.3 * first, (first, last)  # measured 0.013-0.066x
+
+
+def relative_update_gap(a: dict, b: dict, start: dict) -> float:
+    """||a - b|| / ||b - start|| over all weights: how far two runs from `start` ended apart, relative to how
+    far they moved. AdamW steps each weight by about lr whatever its gradient's size, so a per-weight
+    tolerance is at the mercy of a near-zero gradient whose sign differs in the last bit between kernels;
+    in the norm over all weights one such weight is lost, a broken run (a lost micro-batch) is not."""
+    assert a.keys() == b.keys() == start.keys()
+    gap = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+    moved = sum(float((b[k].double() - start[k].double()).pow(2).sum()) for k in a)
+    return (gap / moved) ** 0.5
+
+
+def start_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from difflm.models import load_model
+
+    return {k: v.detach().clone() for k, v in load_model(str(model_dir), dtype="float32", device="cpu").module.state_dict().items()}
 
 
 @pytest.mark.numerics
