@@ -88,18 +88,32 @@ def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
     summary = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
     assert summary["n_total"] == 5 and summary["n_wins"] == 3 and summary["n_draws"] == 0
     assert summary["win_rate"] == pytest.approx(60.0, abs=1e-6)  # 3 longer outputs of 5
-    assert summary["standard_error"] > 0
+    # the standard error of the mean of the per-pair wins [1, 1, 1, 0, 0] (sample std, ddof 1), in percent
+    assert summary["standard_error"] == pytest.approx(100 * (0.3 / 5) ** 0.5, rel=1e-6)
     assert summary["length_controlled_winrate"] is None and "805" in summary["lc_note"]
     assert summary["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
     assert "win rate 60.00" in res.stdout
-    assert (tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").is_file()
+    cache = json.loads((tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").read_text())
+    # the judge's annotations are cached, one per pair: the reference as output_1, ours as output_2
+    assert sorted((a["instruction"], a["output_1"], a["output_2"]) for a in cache) == sorted(
+        (r["instruction"], r["output"], m["output"]) for r, m in zip(ref, mine))
+    assert sorted(a["preference"] for a in cache) == pytest.approx([1, 1, 2, 2, 2])
 
 
 def test_eval_alpaca_accepts_generate_outputs_end_to_end(generated, tmp_path, fake_judge):
     from difflm.eval.alpaca import evaluate_files
 
     res = evaluate_files(generated, REFERENCE, output_dir=tmp_path / "ae", results=tmp_path / "s.json")
-    assert res["n_total"] == 5 and 0.0 <= res["win_rate"] <= 100.0
+    # the fake judge prefers the longer output: the win rate follows from the lengths alone (an equal
+    # length goes either way, by alpaca_eval's seeded swap of the pair)
+    ref = {r["instruction"]: r["output"] for r in json.loads(REFERENCE.read_text())}
+    mine = {r["instruction"]: r["output"] for r in json.loads(generated.read_text())}
+    assert mine.keys() == ref.keys()
+    longer = sum(len(mine[k]) > len(ref[k]) for k in ref)
+    ties = sum(len(mine[k]) == len(ref[k]) for k in ref)
+    assert res["n_total"] == 5 and res["n_draws"] == 0
+    assert longer <= res["n_wins"] <= longer + ties
+    assert res["win_rate"] == pytest.approx(100 * res["n_wins"] / 5, abs=1e-6)
     assert res["manifest"] == str(generated) + ".manifest.json"
     assert res["settings"]["method"] == "conv" and res["settings"]["steps"] == 4
     assert json.loads((tmp_path / "s.json").read_text())["generator"].endswith("-conv")

@@ -169,6 +169,7 @@ def test_eval_gsm8k_bad_inputs_exit_2(tmp_path):
         score_records([{"id": "x", "output": "1"}])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_eval_gsm8k_on_a_tiny_model(tiny_llada_dir, tmp_path):
     """eval.mk end to end: difflm generate with recipes/generate-gsm8k.yaml, then difflm eval gsm8k."""

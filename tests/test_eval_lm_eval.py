@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import runpy
+import string
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
 
@@ -51,33 +54,78 @@ def test_registered_under_difflm():
     assert get_model("difflm") is lm_eval_model.DifflmLM
 
 
-def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo):
+def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo, tmp_path):
     tm = TaskManager(include_path=str(TASKS), include_defaults=False)
     assert {"difflm_tiny_gen", "difflm_tiny_choice"} <= set(tm.all_tasks)
+    # float64, so that the outputs of the harness's padded batches and of one prompt at a time (below) cannot
+    # differ by a float accident (a flip needs a top-1/top-2 tie to ~1e-15)
+    args = {"pretrained": str(tiny_llada_dir), "dtype": torch.float64, **TINY_ARGS}
     res = lm_eval.simple_evaluate(
-        model="difflm", model_args={"pretrained": str(tiny_llada_dir), **TINY_ARGS},
+        model="difflm", model_args=args,
         tasks=["difflm_tiny_gen", "difflm_tiny_choice"], task_manager=tm, limit=3, batch_size=2,
         bootstrap_iters=0, log_samples=True,
     )
-    assert res["results"]["difflm_tiny_gen"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
-    assert res["results"]["difflm_tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
-    gens = res["samples"]["difflm_tiny_gen"]
+    gens = sorted(res["samples"]["difflm_tiny_gen"], key=lambda s: s["doc_id"])
     assert len(gens) == 3
     for s in gens:
         text = s["resps"][0][0]
         assert isinstance(text, str) and "\n" not in text and "Question:" not in text  # cut at the stops
-    choices = res["samples"]["difflm_tiny_choice"]
+    # the harness's score is the task's rule applied to what the model produced, doc by doc
+    outputs = [s["filtered_resps"][0] for s in gens]
+    docs = [json.loads(x) for x in (TASKS / "tiny_qa.jsonl").read_text().splitlines()][:3]
+    alone = lm_eval_model.DifflmLM(pretrained=str(tiny_llada_dir), dtype=torch.float64, batch_size=1, **TINY_ARGS)
+    kwargs = {"until": ["\n", "Question:"], "max_gen_toks": 16, "do_sample": False}  # the task's
+    assert outputs == [alone.generate_until([Instance("generate_until", {}, (f"Question: {d['question']}\nAnswer:", kwargs), 0)])[0]
+                       for d in docs]
+    assert [s["target"] for s in gens] == ["3", "Paris", "blue"]
+    want = sum(_norm(o) == _norm(t) for o, t in zip(outputs, ["3", "Paris", "blue"])) / 3
+    assert res["results"]["difflm_tiny_gen"]["exact_match,none"] == pytest.approx(want, abs=1e-12)
+    choices = sorted(res["samples"]["difflm_tiny_choice"], key=lambda s: s["doc_id"])
     assert len(choices) == 3
     for s in choices:
         for (ll, greedy), in s["resps"]:
             assert math.isfinite(ll) and ll < 0 and isinstance(greedy, bool)
+    picked = [max(range(3), key=lambda i: s["resps"][i][0][0]) for s in choices]
+    want = sum(p == label for p, label in zip(picked, [0, 1, 2])) / 3
+    assert res["results"]["difflm_tiny_choice"]["acc,none"] == pytest.approx(want, abs=1e-12)
+
+    # A random model answers nothing right, so the score above is 0 whatever the plumbing does: rerun the
+    # same prompts with doc 0's answer set to what the model said (case changed, punctuation added). The
+    # same prompts in the same batches on the same machine give the same outputs, so exactly doc 0 now
+    # scores (the task ignores case and punctuation): 1/3, which a scorer that applied another rule, or
+    # outputs that changed between runs, would not give.
+    task_dir = tmp_path / "echo_task"
+    task_dir.mkdir()
+    docs[0]["answer"] = outputs[0].swapcase() + "!"
+    docs[1]["answer"] = outputs[1] + "x"
+    (task_dir / "echo.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    yaml_text = (TASKS / "difflm_tiny_gen.yaml").read_text().replace("task: difflm_tiny_gen", "task: difflm_tiny_echo")
+    yaml_text = yaml_text.replace("tests/fixtures/eval/lm_eval/tiny_qa.jsonl", str(task_dir / "echo.jsonl"))
+    (task_dir / "difflm_tiny_echo.yaml").write_text(yaml_text)
+    again = lm_eval.simple_evaluate(
+        model="difflm", model_args=args, tasks=["difflm_tiny_echo"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), limit=3, batch_size=2,
+        bootstrap_iters=0, log_samples=True,
+    )
+    echo = sorted(again["samples"]["difflm_tiny_echo"], key=lambda s: s["doc_id"])
+    assert [s["filtered_resps"][0] for s in echo] == outputs
+    matches = [_norm(s["filtered_resps"][0]) == _norm(d["answer"]) for s, d in zip(echo, docs)]
+    assert matches == [True, False, _norm(outputs[2]) == "blue"]
+    assert again["results"]["difflm_tiny_echo"]["exact_match,none"] == pytest.approx(sum(matches) / 3, abs=1e-12)
+
+
+def _norm(text: str) -> str:
+    """The tiny gen task's exact_match rule (ignore_case, ignore_punctuation), written out."""
+    return "".join(c for c in text.lower() if c not in string.punctuation)
 
 
 def test_loglikelihood_is_seeded_per_request(lm):
     reqs = [Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 3"), i) for i in range(2)]
     a = lm.loglikelihood(reqs)
     b = lm.loglikelihood(list(reversed(reqs)))
-    assert a[0] == a[1] == b[0]  # same request, same score, whatever the order
+    # same request, same score, whatever the order: each request is scored alone, with MC masks seeded by
+    # its text, so the same arithmetic runs each time and equality is exact
+    assert a[0] == a[1] == b[0]
     other = lm.loglikelihood([Instance("loglikelihood", {}, ("Question: What is 1 + 2?\nAnswer:", " 4"), 0)])
     assert other[0][0] != a[0][0]
 
@@ -88,7 +136,9 @@ def test_generate_until_stops_and_batches(lm):
     outs = lm.generate_until(reqs)
     assert len(outs) == 3 and all(isinstance(o, str) and "e" not in o for o in outs)
     again = lm.generate_until(list(reversed(reqs)))
-    assert list(reversed(again)) == outs  # seeded from the context: independent of order and batch
+    # seeded from the context, and batched after sorting by length: reversed requests form the same batches,
+    # so the same kernels run and the outputs are equal exactly
+    assert list(reversed(again)) == outs
 
 
 def test_loglikelihood_rolling_and_chat_template(lm):

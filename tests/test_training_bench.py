@@ -38,6 +38,7 @@ def test_tiny_with_4bit_layers_on_cpu(bench):
     assert out["mode"] == "qlora-nf4-double-quant" and out["quantized_linear_layers"] == 7 * out["dims"]["layers"]
 
 
+@pytest.mark.numerics
 def test_4bit_base_lora_step_saves_and_reloads(bench, tiny_native_llada_dir, tmp_path):
     """QLoRA's pieces on the CPU (bitsandbytes' CPU backend): NF4 base + LoRA trains a step; the
     adapter alone reloads onto a freshly quantised base with the same logits."""

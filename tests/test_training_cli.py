@@ -36,6 +36,7 @@ def test_help_has_an_example(runner, cmd):
     assert f"Example: difflm {cmd}" in result.output
 
 
+@pytest.mark.numerics
 def test_pipeline_tokenize_sft_r2ft_merge(runner, tiny_native_llada_dir, tmp_path):
     model = f"model.name={tiny_native_llada_dir}"
     data = f"data.path={tmp_path / 'data'}"
@@ -72,6 +73,16 @@ def test_pipeline_tokenize_sft_r2ft_merge(runner, tiny_native_llada_dir, tmp_pat
     merged = tmp_path / "merged"
     ok(runner.invoke(app, ["merge", "--adapter", str(r2_dir / "final"), "-o", str(merged)]))
     assert (merged / "model.safetensors").is_file() and json.loads((merged / "config.json").read_text())["is_causal"] is False
+    # the merged weights compute what base + adapter computes (other arithmetic, W + BA folded: measured
+    # 2e-7 apart), and not what the base alone does (the adapter moved the logits by 6e-2)
+    from difflm.models import load_model
+
+    x = torch.randint(0, 150, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = load_model(str(merged), dtype="float32", device="cpu")(x)
+        want = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu", adapter=str(r2_dir / "final"))(x)
+        base = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")(x)
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, base, atol=1e-3)
 
 
 BAD = [

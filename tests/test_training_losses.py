@@ -34,6 +34,7 @@ def _hand_logp(row_logits: torch.Tensor, token: int, mask_id: int | None = MASK)
     return float(row_logits[token]) - lse
 
 
+@pytest.mark.numerics
 def test_diffusion_loss_equals_hand_computation_on_a_fixed_mask():
     g = torch.Generator().manual_seed(0)
     B, L = 2, 10
@@ -68,6 +69,7 @@ def test_log_probs_excludes_the_mask_token_and_is_float32():
     assert torch.allclose(lp.exp().sum(-1), torch.ones(3))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("policy", ["all", "first", "none"])
 def test_eos_policies_mask_and_weight_what_they_say(policy):
     L, p, r = 16, 4, 5  # [prompt 0..3 | response 4..8 | EOS 9..15]
@@ -130,6 +132,7 @@ def test_sft_batch_loss_replays_its_noise_and_prompt_is_never_masked():
     assert float(stats1["loss"][0]) == pytest.approx(float(stats["loss"][1]))
 
 
+@pytest.mark.numerics
 def test_ar_loss_equals_hand_computation():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 8, V, generator=g)
@@ -201,6 +204,7 @@ def test_corrupt_is_seeded_and_fresh():
         corrupt(x0[None], 10, 41, MASK, EOS)
 
 
+@pytest.mark.numerics
 def test_r2ft_loss_equals_hand_computation():
     g = torch.Generator().manual_seed(4)
     B, L = 2, 20
@@ -223,6 +227,34 @@ def test_r2ft_loss_equals_hand_computation():
         assert float(loss[b]) == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.numerics
+def test_r2ft_batch_loss_stats_equal_hand_computation():
+    """LW, LL, their margin and the loss of r2ft_batch_loss by hand (Python floats, i.e. float64), on a
+    fake model whose logits depend on the position only, with the corruptions the stream positions seed."""
+    from difflm.training.recipes import R2FTConfig
+
+    g = torch.Generator().manual_seed(6)
+    L = 40
+    table = torch.randn(L, V, generator=g)
+    x0 = torch.cat([torch.randint(0, 10, (2, 20), generator=g), torch.full((2, L - 20), EOS)], dim=1)
+    batch = {"input_ids": x0, "prompt_len": torch.tensor([4, 7]), "answer_len": torch.tensor([17, 14])}
+    cfg = R2FTConfig(beta_w=1.5, beta_l=0.5, beta_a=0.2, gamma=0.3, span_min=5, span_max=9)
+    loss, st = r2ft_batch_loss(lambda ids: table.expand(ids.shape[0], -1, -1), batch, [3, 8], seed=2, mask_id=MASK,
+                               eos_id=EOS, cfg=cfg)
+    want = []
+    for b, k in enumerate([3, 8]):
+        p, end = int(batch["prompt_len"][b]), int(batch["prompt_len"][b] + batch["answer_len"][b])
+        _, y_l, c, e = corrupt(x0[b], p, end, MASK, EOS, example_generator(2, "train", "r2ft", k), (1, 14), (5, 9))
+        lw = sum(_hand_logp(table[i], int(x0[b, i])) for i in range(c, end)) / (end - p)
+        ll = sum(_hand_logp(table[i], int(y_l[i])) for i in range(c, e)) / (e - c)
+        z = 1.5 * lw - 0.5 * ll - 0.3
+        want.append((lw, ll, lw - ll, math.log1p(math.exp(-z)) - 0.2 * lw))
+    for j, key in enumerate(("lw", "ll", "margin", "loss")):
+        assert st[key].tolist() == pytest.approx([w[j] for w in want], rel=1e-5, abs=1e-6), key
+    assert float(loss) == pytest.approx(sum(w[3] for w in want) / 2, rel=1e-5)
+
+
+@pytest.mark.numerics
 def test_r2ft_gradient_lowers_ll(tiny_native_llada_dir):
     from difflm.models import load_model
 
