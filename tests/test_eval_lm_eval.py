@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import runpy
+import shutil
 import string
 import sys
 from pathlib import Path
@@ -98,9 +99,11 @@ def test_simple_evaluate_runs_the_local_tasks_end_to_end(tiny_llada_dir, in_repo
     task_dir.mkdir()
     docs[0]["answer"] = outputs[0].swapcase() + "!"
     docs[1]["answer"] = outputs[1] + "x"
-    (task_dir / "echo.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    # the task's loader (tiny_qa.py) reads tiny_qa.jsonl from beside itself: a copy of both, the rows edited
+    (task_dir / "tiny_qa.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    shutil.copy(TASKS / "tiny_qa.py", task_dir / "tiny_qa.py")
     yaml_text = (TASKS / "difflm_tiny_gen.yaml").read_text().replace("task: difflm_tiny_gen", "task: difflm_tiny_echo")
-    yaml_text = yaml_text.replace("tests/fixtures/eval/lm_eval/tiny_qa.jsonl", str(task_dir / "echo.jsonl"))
+    assert "task: difflm_tiny_echo" in yaml_text and "!function tiny_qa.load" in yaml_text
     (task_dir / "difflm_tiny_echo.yaml").write_text(yaml_text)
     again = lm_eval.simple_evaluate(
         model="difflm", model_args=args, tasks=["difflm_tiny_echo"],
