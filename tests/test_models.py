@@ -17,7 +17,7 @@ from difflm.models import (
     save_native,
 )
 from difflm.models import load_model as _load_model
-from difflm.models import loading
+from difflm.models import hub, loading
 from difflm.testing import (
     LLADA_CHAT_TEMPLATE,
     TINY_SPECIAL_TOKENS,
@@ -328,8 +328,8 @@ def test_missing_path_and_offline_hub(tmp_path, monkeypatch):
     assert attempts == []
     _one_line_config_error(excinfo, "no-such-model-xyz", "offline")
 
-    monkeypatch.setattr(loading, "hub_offline", lambda: False)
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     with network_attempts() as attempts, pytest.raises(ConfigError) as excinfo:
         load_model("difflm-test-org/no-such-model-xyz")
     assert attempts == []  # an unreachable Hub is not tried again by the download
@@ -700,3 +700,4 @@ def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
         m.weight[5, 7] = float("nan")
     with pytest.raises(ConfigError, match=r"tensor weight holds NaN"):
         check_finite(m)
+
