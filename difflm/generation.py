@@ -108,7 +108,7 @@ def content_length(ids: list[int], stop_ids: set[int]) -> int:
 
 def decode_output(model, gen_ids: list[int]) -> tuple[str, int]:
     """(text cut at the first EOS/EOT by id and decoded without special tokens, content token count)."""
-    stop = {model.ids.eos_id} | ({model.ids.eot_id} if model.ids.eot_id is not None else set())
+    stop = set(model.ids.stop_ids)
     n = content_length(gen_ids, stop)
     return model.tokenizer.decode(gen_ids[:n], skip_special_tokens=True), n
 
@@ -142,7 +142,7 @@ def iter_batches(
             raise ConfigError(f"item {it['id']}: the prompt is empty", key="data")
         encoded.append(Item(i, it, ids))
     encoded.sort(key=lambda e: (len(e.prompt_ids), e.index))
-    pad = model.ids.pad_id if model.ids.pad_id is not None else model.ids.eos_id
+    pad = model.ids.pad_or_eos
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         plen = max(len(e.prompt_ids) for e in batch)

@@ -701,3 +701,13 @@ def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
     with pytest.raises(ConfigError, match=r"tensor weight holds NaN"):
         check_finite(m)
 
+
+def test_stop_ids_and_the_padding_fallback():
+    """The one copy of "what ends an answer" and "what left-pads a prompt batch" the package uses."""
+    from difflm.models.ids import stop_ids_from
+
+    ids = TokenIds(mask_id=5, eos_id=2, eot_id=3)
+    assert ids.stop_ids == (2, 3) and ids.pad_or_eos == 2  # no pad: eos pads
+    assert TokenIds(mask_id=5, eos_id=2, eot_id=2, pad_id=4).stop_ids == (2,)  # eot == eos: once
+    assert TokenIds(mask_id=5, eos_id=2, pad_id=4).pad_or_eos == 4
+    assert stop_ids_from(None, 7) == (7,) and stop_ids_from(None, None) == ()
