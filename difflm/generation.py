@@ -316,7 +316,8 @@ def check_model_decoder(recipe: GenerateRecipe) -> None:
     """Refuse a decoder that cannot apply to the model's family (a diffusion decoder on an AR model,
     nucleus on a diffusion model) before the model is loaded, where the family can be told cheaply."""
     from difflm.decoding.config import check_method_family
-    from difflm.models.loading import DEFAULT_MODEL, known_family
+    from difflm.models.loading import known_family
+    from difflm.models.named import DEFAULT_MODEL
 
     name = recipe.model.name or DEFAULT_MODEL
     check_method_family(recipe.decode.method, known_family(name, recipe.model.family), name)
@@ -326,7 +327,7 @@ def load_recipe_model(m: ModelConfig, dist: Dist | None = None):
     """Load the recipe's model; under a launcher each rank takes its own GPU (cuda:LOCAL_RANK)."""
     from difflm.models import load_model
 
-    from difflm.models.loading import DEFAULT_MODEL
+    from difflm.models.named import DEFAULT_MODEL
 
     name = m.name or DEFAULT_MODEL  # no model given: the embedded default
     device = m.device

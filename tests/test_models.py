@@ -672,7 +672,7 @@ def test_non_finite_adapter_weights_are_named(tiny_native_llada_dir, tmp_path):
 
 
 def test_check_finite_reads_parameters_and_loaded_buffers_only():
-    from difflm.models.loading import check_finite
+    from difflm.models.checks import check_finite
 
     m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     m[1].register_buffer("causal_mask", torch.full((2,), float("-inf")), persistent=False)  # computed, not loaded
@@ -689,7 +689,7 @@ def test_check_finite_reads_parameters_and_loaded_buffers_only():
 
 
 def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
-    from difflm.models.loading import check_finite
+    from difflm.models.checks import check_finite
 
     m = torch.nn.Linear(256, 256).half()
     with torch.no_grad():
