@@ -165,7 +165,7 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
             for t in gen:
                 if t == ids.mask_id:
                     text.append("░", style="dim")
-                elif t in (ids.eos_id, ids.eot_id):
+                elif t in ids.stop_ids:
                     text.append("·", style="dim cyan")
                 else:
                     text.append(model.tokenizer.decode([t]), style="bold")

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_live:  # the live view prints the text itself
                 print(outputs[key])
             print(flush=True)
-    from difflm.models.loading import embedded_model_dir
+    from difflm.models.named import embedded_model_dir
     from transformers import AutoTokenizer
 
     tok_dir = embedded_model_dir(args.model) if not Path(args.model).is_dir() else Path(args.model)

@@ -108,7 +108,7 @@ def content_length(ids: list[int], stop_ids: set[int]) -> int:
 
 def decode_output(model, gen_ids: list[int]) -> tuple[str, int]:
     """(text cut at the first EOS/EOT by id and decoded without special tokens, content token count)."""
-    stop = {model.ids.eos_id} | ({model.ids.eot_id} if model.ids.eot_id is not None else set())
+    stop = set(model.ids.stop_ids)
     n = content_length(gen_ids, stop)
     return model.tokenizer.decode(gen_ids[:n], skip_special_tokens=True), n
 
@@ -142,7 +142,7 @@ def iter_batches(
             raise ConfigError(f"item {it['id']}: the prompt is empty", key="data")
         encoded.append(Item(i, it, ids))
     encoded.sort(key=lambda e: (len(e.prompt_ids), e.index))
-    pad = model.ids.pad_id if model.ids.pad_id is not None else model.ids.eos_id
+    pad = model.ids.pad_or_eos
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         plen = max(len(e.prompt_ids) for e in batch)
@@ -316,7 +316,8 @@ def check_model_decoder(recipe: GenerateRecipe) -> None:
     """Refuse a decoder that cannot apply to the model's family (a diffusion decoder on an AR model,
     nucleus on a diffusion model) before the model is loaded, where the family can be told cheaply."""
     from difflm.decoding.config import check_method_family
-    from difflm.models.loading import DEFAULT_MODEL, known_family
+    from difflm.models.loading import known_family
+    from difflm.models.named import DEFAULT_MODEL
 
     name = recipe.model.name or DEFAULT_MODEL
     check_method_family(recipe.decode.method, known_family(name, recipe.model.family), name)
@@ -326,7 +327,7 @@ def load_recipe_model(m: ModelConfig, dist: Dist | None = None):
     """Load the recipe's model; under a launcher each rank takes its own GPU (cuda:LOCAL_RANK)."""
     from difflm.models import load_model
 
-    from difflm.models.loading import DEFAULT_MODEL
+    from difflm.models.named import DEFAULT_MODEL
 
     name = m.name or DEFAULT_MODEL  # no model given: the embedded default
     device = m.device

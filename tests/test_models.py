@@ -17,7 +17,7 @@ from difflm.models import (
     save_native,
 )
 from difflm.models import load_model as _load_model
-from difflm.models import loading
+from difflm.models import hub, loading
 from difflm.testing import (
     LLADA_CHAT_TEMPLATE,
     TINY_SPECIAL_TOKENS,
@@ -328,8 +328,8 @@ def test_missing_path_and_offline_hub(tmp_path, monkeypatch):
     assert attempts == []
     _one_line_config_error(excinfo, "no-such-model-xyz", "offline")
 
-    monkeypatch.setattr(loading, "hub_offline", lambda: False)
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     with network_attempts() as attempts, pytest.raises(ConfigError) as excinfo:
         load_model("difflm-test-org/no-such-model-xyz")
     assert attempts == []  # an unreachable Hub is not tried again by the download
@@ -672,7 +672,7 @@ def test_non_finite_adapter_weights_are_named(tiny_native_llada_dir, tmp_path):
 
 
 def test_check_finite_reads_parameters_and_loaded_buffers_only():
-    from difflm.models.loading import check_finite
+    from difflm.models.checks import check_finite
 
     m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     m[1].register_buffer("causal_mask", torch.full((2,), float("-inf")), persistent=False)  # computed, not loaded
@@ -689,7 +689,7 @@ def test_check_finite_reads_parameters_and_loaded_buffers_only():
 
 
 def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
-    from difflm.models.loading import check_finite
+    from difflm.models.checks import check_finite
 
     m = torch.nn.Linear(256, 256).half()
     with torch.no_grad():
@@ -700,3 +700,14 @@ def test_check_finite_does_not_mistake_an_fp16_sum_overflow_for_corruption():
         m.weight[5, 7] = float("nan")
     with pytest.raises(ConfigError, match=r"tensor weight holds NaN"):
         check_finite(m)
+
+
+def test_stop_ids_and_the_padding_fallback():
+    """The one copy of "what ends an answer" and "what left-pads a prompt batch" the package uses."""
+    from difflm.models.ids import stop_ids_from
+
+    ids = TokenIds(mask_id=5, eos_id=2, eot_id=3)
+    assert ids.stop_ids == (2, 3) and ids.pad_or_eos == 2  # no pad: eos pads
+    assert TokenIds(mask_id=5, eos_id=2, eot_id=2, pad_id=4).stop_ids == (2,)  # eot == eos: once
+    assert TokenIds(mask_id=5, eos_id=2, pad_id=4).pad_or_eos == 4
+    assert stop_ids_from(None, 7) == (7,) and stop_ids_from(None, None) == ()

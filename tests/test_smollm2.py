@@ -23,7 +23,7 @@ from difflm.decoding import DecodeConfig
 from difflm.errors import ConfigError
 from difflm.generation import GenerateRecipe, generate_text, run_generate
 from difflm.models import load_model
-from difflm.models.loading import token_id
+from difflm.models.ids import token_id
 
 NAME = "smollm2-135m-instruct"
 FIX = Path(__file__).parent / "fixtures"

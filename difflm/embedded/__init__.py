@@ -1,7 +1,7 @@
 """The trained tiny models that ship inside the package (built by `make tiny-models`, see README.md here).
 
 `load_model("tiny-shakespeare")`, `"tiny-math"` and `"tiny-math-r2ft"` resolve to the folders next to
-this file (`difflm.models.loading.EMBEDDED_MODELS`); a local folder of the same name wins.
+this file (`difflm.models.named.EMBEDDED_MODELS`); a local folder of the same name wins.
 
 `heldout_loss` is the fixed-noise masked-diffusion loss the tests and the model cards use to compare a
 trained model with its untrained version (and fp32 with fp16 weights).

@@ -235,9 +235,9 @@ def load_tokenizer(name: str) -> Any:
     path = Path(name).expanduser()
     source, local_only = (str(path), False) if path.is_dir() else (name, None)
     if local_only is None:
-        from difflm.models.loading import hub_offline, hub_reachable
+        from difflm.models.hub import hub_local_only
 
-        local_only = hub_offline() or not hub_reachable()
+        local_only = hub_local_only()
     try:
         from transformers import AutoTokenizer
 

@@ -38,12 +38,13 @@ from typing import Any, Sequence
 
 import torch
 
+from difflm.models.base import logits_of
+
 __all__ = ["greedy_matches", "masked_bound_losses", "mc_loglikelihood", "sample_masks", "stratified_mask_counts"]
 
 
 def _logits(model: Any, x: torch.Tensor) -> torch.Tensor:
-    out = model(x, attention_mask=None)
-    return out.logits if hasattr(out, "logits") else out
+    return logits_of(model(x, attention_mask=None))
 
 
 def _without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -189,7 +189,7 @@ class DifflmLM(LM):
                 ids = [self.model.ids.bos_id if self.model.ids.bos_id is not None else self.model.ids.eos_id]
             prepared.append((context, gen_kwargs, until, ids, seed_key))
             groups.setdefault(tuple(sorted(dataclasses.asdict(cfg).items())), []).append(i)
-        pad = self.model.ids.pad_id if self.model.ids.pad_id is not None else self.model.ids.eos_id
+        pad = self.model.ids.pad_or_eos
         for key, idxs in groups.items():
             cfg = DecodeConfig(**dict(key))
             idxs = sorted(idxs, key=lambda j: (len(prepared[j][3]), j))

@@ -6,18 +6,16 @@
     m.ids.mask_id, m.ids.eos_id, m.chat_ids("Hello")
 
 LLaDA checkpoints load natively as a bidirectional `LlamaForCausalLM` (no remote code; gradient
-checkpointing, sdpa, bitsandbytes and peft work); see `difflm.models.llada`.
+checkpointing, sdpa, bitsandbytes and peft work); see `difflm.models.llada`. What each module
+holds: difflm/models/README.md.
 """
 
-from .base import FAMILIES, DiffusionLM, TokenIds, default_lora_targets, logits_of
-from .llada import (
-    LLADA_KEY_MAPPING,
-    BidirectionalityError,
-    check_bidirectional,
-    llama_config_from_llada,
-    save_native,
-)
-from .loading import detect_family, load_model, resolve_dtype, resolve_device, resolve_ids
+from .base import FAMILIES, DiffusionLM, default_lora_targets, logits_of
+from .checks import BidirectionalityError, check_bidirectional
+from .families import detect_family
+from .ids import TokenIds, resolve_ids
+from .llada import LLADA_KEY_MAPPING, llama_config_from_llada, save_native
+from .loading import load_model, resolve_dtype, resolve_device
 
 __all__ = [
     "FAMILIES",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import inspect
 
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from difflm.errors import ConfigError
+
+from .ids import TokenIds
 
 #: The families `load_model` knows; "ar" is the only non-diffusion one.
 FAMILIES = ("llada", "dream", "mdlm", "mlm", "ar")
@@ -32,54 +33,6 @@ _LORA_TARGETS: dict[str, list[list[str]]] = {
     "mlm": [["query", "key", "value"], ["Wqkv"], ["q_lin", "k_lin", "v_lin"], ["q_proj", "k_proj", "v_proj"]],
     "ar": [["q_proj", "k_proj", "v_proj"], ["c_attn"], ["query_key_value"], ["qkv_proj"]],
 }
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """The special token ids a sampler or a loss needs, validated at load.
-
-    mask_id: the [MASK] token of a diffusion LM (None only for "ar" models).
-    eos_id:  end of text (for BERT-style models: [SEP]).
-    eot_id:  end of a chat turn (`<|eot_id|>` for LLaDA, `<|im_end|>` for Dream), or None.
-    pad_id:  the padding id (may equal eos_id, as in LLaDA; never mask_id).
-    bos_id:  beginning of text, or None.
-    """
-
-    mask_id: int | None
-    eos_id: int | None
-    eot_id: int | None = None
-    pad_id: int | None = None
-    bos_id: int | None = None
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end an answer (eos and eot), for cutting outputs and for EOS fill."""
-        return tuple(dict.fromkeys(i for i in (self.eos_id, self.eot_id) if i is not None))
-
-    def validate(self, family: str, vocab_size: int | None = None, name: str = "model") -> "TokenIds":
-        """Raise ConfigError when the ids cannot work: missing/out-of-vocabulary mask, pad == mask."""
-        if family != "ar" and self.mask_id is None:
-            raise ConfigError(
-                f"no mask token id found for {name} (family {family}): set mask_token_id in its config.json",
-                key="mask_id",
-            )
-        for field in ("mask_id", "eos_id", "eot_id", "pad_id", "bos_id"):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{field} {value!r} of {name} is not a non-negative integer", key=field)
-            if vocab_size is not None and value >= vocab_size:
-                raise ConfigError(
-                    f"{field} {value} of {name} is outside the vocabulary (size {vocab_size})", key=field
-                )
-        if self.mask_id is not None and self.pad_id == self.mask_id:
-            raise ConfigError(
-                f"pad id equals the mask id ({self.mask_id}) for {name}: padding would look like masked "
-                "positions; set a different pad_token_id",
-                key="pad_id",
-            )
-        return self
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 LLaDA-8B is a Llama-style transformer whose remote code does not load on transformers 5.x; its
 weights are a pure rename of `LlamaForCausalLM`'s. With transformers 5.x,
-`LlamaForCausalLM(LlamaConfig(..., is_causal=False))` reproduces LLaDA's logits exactly (see
-DESIGN.md section 2), and gives us what LLaDA's code lacks: gradient checkpointing, sdpa/flash
+`LlamaForCausalLM(LlamaConfig(..., is_causal=False))` reproduces LLaDA's logits (tested within 1e-4
+against logits of LLaDA's own code on tests/fixtures/llada-tiny-reference; the mapping is tabled in
+difflm/models/README.md), and gives us what LLaDA's code lacks: gradient checkpointing, sdpa/flash
 attention, bitsandbytes and peft support.
 
 Two on-disk formats load as this model:
@@ -13,7 +14,7 @@ Two on-disk formats load as this model:
   `save_native`: a plain Llama checkpoint that any transformers 5.x loads.
 
 transformers 4.x ignores `is_causal=False` and silently builds a causal model, so every load runs
-`check_bidirectional` (change the last token, position 0 must move).
+`check_bidirectional` (difflm.models.checks: change the last token, position 0 must move).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from difflm.errors import ConfigError
 from difflm.io import usual_permissions
 
-from .base import DiffusionLM, TokenIds, logits_of
+from .base import DiffusionLM, TokenIds
+from .checks import BidirectionalityError, check_bidirectional  # noqa: F401  (their home was here)
 
 # LLaDA checkpoint key -> Llama key. transformers' key_mapping supports ONE capture group (`\1`) per
 # rule (a `\2` is written literally into the key), hence one rule per projection. The rules are
@@ -68,10 +69,6 @@ _REQUIRED_LLADA_FIELDS: list[tuple[str, tuple]] = [
 ]
 
 
-class BidirectionalityError(ConfigError):
-    """The loaded model is causal although it should be bidirectional (e.g. transformers 4.x)."""
-
-
 def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
@@ -86,7 +83,7 @@ def is_native_bidirectional(config: dict[str, Any]) -> bool:
 
 
 def llama_config_from_llada(config: dict[str, Any]):
-    """Translate LLaDA's config fields into a bidirectional `LlamaConfig` (mapping: DESIGN.md sec. 2).
+    """Translate LLaDA's config fields into a bidirectional `LlamaConfig` (table: difflm/models/README.md).
 
     The token ids (mask/eos/pad/bos/eot) are stored on the config too, so that a plain
     `module.save_pretrained(dir)` already writes difflm's native format.
@@ -165,38 +162,6 @@ def load_llama_module(path: str, config=None, key_mapping: dict | None = None, *
     if key_mapping is not None:
         module._weight_conversions = []
     return module
-
-
-def check_bidirectional(module: nn.Module, vocab_size: int, name: str = "model") -> None:
-    """Raise BidirectionalityError unless position 0's logits depend on the last token.
-
-    Runs a 4-token input twice with different last tokens (two alternatives, to be safe against a
-    coincidence). A causal model gives bit-identical position-0 logits.
-    """
-    device = next(module.parameters()).device
-    base = torch.tensor([[11, 12, 13, 14]], device=device) % vocab_size
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            ref = logits_of(module(input_ids=base))[0, 0].float()
-            moved = 0.0
-            for alt in (15, 16):
-                other = base.clone()
-                other[0, -1] = alt % vocab_size
-                out = logits_of(module(input_ids=other))[0, 0].float()
-                moved = max(moved, float((out - ref).abs().max()))
-    finally:
-        module.train(was_training)
-    if not moved > 0.0:
-        import transformers
-
-        raise BidirectionalityError(
-            f"{name} loaded as a CAUSAL model (position 0 ignores later tokens); a diffusion LM must be "
-            f"bidirectional: needs transformers>=5 (have {transformers.__version__}) "
-            "and is_causal: false in config.json",
-            key="model",
-        )
 
 
 def save_native(

@@ -41,9 +41,9 @@ class MergeRecipe:
 
 def base_of_adapter(adapter: str | Path) -> str | None:
     """The base model the adapter was trained on (its adapter_config.json), if recorded."""
-    cfg = Path(adapter) / "adapter_config.json"
-    if not cfg.is_file():
-        raise ConfigError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)", key="adapter")
+    from difflm.models.checks import adapter_config_file
+
+    cfg = adapter_config_file(adapter, key="adapter")
     return json.loads(cfg.read_text()).get("base_model_name_or_path") or None
 
 
