@@ -170,3 +170,13 @@ def test_a_command_built_with_the_helpers(tmp_path):
     assert result.exit_code == 1 and "error: OSError: disk full (rerun with --debug" in result.stderr
     result = runner.invoke(demo, ["name=crash", "--debug"])
     assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("cmd", ["generate", "tokenize", "sft", "r2ft", "merge"])
+def test_pipeline_commands_take_a_recipe_and_key_value_overrides(runner, cmd):
+    result = runner.invoke(app, [cmd, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    # the option itself (the help's example also names --recipe)
+    assert any("--recipe" in line and "YAML recipe file" in line for line in result.output.splitlines())
+    assert "[KEY=VALUE]..." in result.output  # the usage line: overrides as trailing arguments
+    assert "Recipe overrides" in result.output

@@ -701,3 +701,116 @@ def test_threshold_outside_zero_one_fails_before_forward(method, tau):
 def test_threshold_inside_zero_one_is_allowed(tau):
     DecodeConfig(method="threshold", threshold=tau).validate()
     DecodeConfig(method="llada_conv", gen_length=16, steps=16, threshold=tau).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# README promises: decoded positions stay, the conv window, penalties and guidance, validation
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in ("remdm", "remdm_conv")])
+def test_decoded_positions_never_change(tiny_llama, method):
+    """Without ReMDM's remasking (and eos_fill off), a position once decoded keeps its token to the end."""
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    seen = [torch.cat([prompt, torch.full((2, 16), TMASK)], 1)]
+    cfg = _cfg(method, temperature=1.0, eos_fill=False, kernel_size=5)
+    out = generate(tiny_llama, prompt, cfg, mask_id=TMASK, eos_id=TEOS, callback=lambda ev: seen.append(ev["x"].clone()))
+    seen.append(out.sequences)
+    assert len(seen) > 3
+    for prev, cur in zip(seen, seen[1:]):
+        known = prev != TMASK
+        assert torch.equal(cur[known], prev[known]), method
+    assert not (out.sequences == TMASK).any()
+
+
+def test_remdm_conv_keeps_positions_without_known_neighbours_masked():
+    """remdm_conv scales unmasking by the conv window: at the first step (prompt [0], K = 3) only the position
+    next to the prompt has a known token in its window (s_i > 0); every other position stays MASK, while plain
+    remdm unmasks them too."""
+    table = make_table(1, 16, seed=4)
+    kw = dict(kernel_size=3, top_k=2)
+    x_conv = first_step("remdm_conv", table, [0], 16, 10, 400, **kw)
+    x_plain = first_step("remdm", table, [0], 16, 10, 400, **kw)
+    assert (x_conv[:, 1:] == MASK).all()
+    assert (x_conv[:, 0] != MASK).mean() > 0.5  # C = |M| / sum s_i q_i lifts the one open position (p ~ 0.8)
+    # plain remdm: alpha 0 -> 0.2 at the first step, every position unmasks with p ~ 0.2 (~80 of 400 rows each)
+    assert ((x_plain[:, 1:] != MASK).sum(0) > 20).all()
+
+
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        (dict(method="llada_conv", gen_length=8, steps=16), "steps"),
+        (dict(method="nucleus", repetition_penalty=1.2), "repetition_penalty"),
+        (dict(method="nucleus", cfg_scale=1.0), "cfg_scale"),
+    ],
+)
+def test_more_invalid_settings_fail_before_forward(kw, key):
+    cfg = DecodeConfig(**kw)
+    with pytest.raises(ConfigError) as e:
+        generate(Exploding(), torch.tensor([[0, 1]]), cfg, mask_id=MASK, eos_id=EOS, max_length=128)
+    assert e.value.key == key
+    assert "\n" not in str(e.value)
+    if cfg.method == "nucleus":  # names what is allowed
+        assert "nucleus" in str(e.value) and "off" in str(e.value)
+
+
+def test_nucleus_defaults_still_validate():
+    DecodeConfig(method="nucleus", gen_length=16).validate()
+    DecodeConfig(method="nucleus", repetition_penalty=1.0, cfg_scale=0.0).validate()
+
+
+def test_conv_kernel_default_is_block_length_else_a_quarter_of_gen_length():
+    assert DecodeConfig(method="conv", gen_length=64, block_length=16).effective_kernel_size() == 17
+    assert DecodeConfig(method="conv", gen_length=64, block_length=8).effective_kernel_size() == 9  # not 64/4
+    assert DecodeConfig(method="conv", gen_length=64).effective_kernel_size() == 17  # 64 / 4 = 16 -> 17
+    assert DecodeConfig(method="conv", gen_length=64, kernel_size=9).effective_kernel_size() == 9
+    assert DecodeConfig(method="conv", gen_length=60).effective_kernel_size() == 15  # odd: kept
+
+
+def test_repetition_penalty_steers_away_from_present_tokens():
+    """Token 0 wins everywhere and is in the prompt: with penalty 10 the greedy llada decoder avoids it, and
+    every token it decodes is penalised in turn (0 -> 0.3 < 1.0, 0.9, 0.8); with penalty 1 it picks 0."""
+    table = torch.full((1 + 3, V), -2.0)
+    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = 3.0, 1.0, 0.9, 0.8
+    prompt = torch.tensor([[0]])
+    cfg = DecodeConfig(method="llada", gen_length=3, steps=3, repetition_penalty=10.0)
+    out = generate(FixedLogits(table), prompt, cfg, mask_id=MASK, eos_id=EOS)
+    assert out.sequences[0, 1:].tolist() == [1, 2, 3]
+    cfg = DecodeConfig(method="llada", gen_length=3, steps=3, repetition_penalty=1.0)
+    out = generate(FixedLogits(table), prompt, cfg, mask_id=MASK, eos_id=EOS)
+    assert out.sequences[0, 1:].tolist() == [0, 0, 0]
+
+
+class GuidedCounting(torch.nn.Module):
+    """cond (prompt visible): token 1 wins (1.0 vs 1.1); uncond (prompt masked): [0.0, 1.2]. With w = 1 the
+    guided logits are un + 2 (cond - un) = [2.0, 1.0]: token 0 wins by a clear margin. Records batch sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, attention_mask=None):
+        self.calls.append(x.shape[0])
+        cond = (x[:, :1] != MASK).float()
+        base = torch.full((x.shape[0], x.shape[1], V), -4.0)
+        base[..., 0] = 1.0 * cond
+        base[..., 1] = 1.2 - 0.1 * cond
+        return base
+
+
+DIFFUSION_METHODS = ALL_METHODS  # every diffusion decoder supports cfg_scale (only `cache` refuses it)
+
+
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
+def test_cfg_runs_two_passes_per_step_and_changes_the_tokens(method):
+    kw = dict(method=method, gen_length=4, steps=4, temperature=0.0, top_k=1, kernel_size=3)
+    if method == "semi_ar":
+        kw["block_length"] = 2
+    outs = {}
+    for w in (0.0, 1.0):
+        model = GuidedCounting()
+        out = generate(model, torch.tensor([[2]]), DecodeConfig(cfg_scale=w, **kw), mask_id=MASK, eos_id=EOS)
+        assert out.nfe == (2 if w else 1) * len(model.calls) == (2 if w else 1) * out.steps_run
+        assert all(c == (2 if w else 1) for c in model.calls)  # cond + uncond copies in one pass
+        if method in ("llada", "llada_conv"):
+            assert out.steps_run == 4
+        outs[w] = out.sequences[0, 1:].tolist()
+    assert outs[0.0] == [1] * 4 and outs[1.0] == [0] * 4, outs

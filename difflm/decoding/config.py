@@ -117,6 +117,18 @@ class DecodeConfig:
                 )
             if not 0.0 < self.alpha_on < 1.0:
                 raise ConfigError(f"alpha_on must be in (0, 1), got {self.alpha_on}", key="alpha_on")
+        if m in AR_METHODS:  # the AR loop has no penalty and no guidance: refuse rather than ignore them
+            if self.repetition_penalty != 1.0:
+                raise ConfigError(
+                    f"repetition_penalty applies to the diffusion methods, not {m} (allowed for {m}: 1, off), "
+                    f"got {self.repetition_penalty}",
+                    key="repetition_penalty",
+                )
+            if self.cfg_scale != 0.0:
+                raise ConfigError(
+                    f"cfg_scale applies to the diffusion methods, not {m} (allowed for {m}: 0, off), got {self.cfg_scale}",
+                    key="cfg_scale",
+                )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
         if self.cache not in (None, "prefix", "dual"):
