@@ -1,6 +1,6 @@
 """Training losses: masked-diffusion SFT (with the 1/t weight), the pretraining variant, AR next-token loss.
 
-The formulas (DESIGN.md section 4): for each sequence b draw t_b ~ U(eps, 1) and mask every position
+The formulas: for each sequence b draw t_b ~ U(eps, 1) and mask every position
 of its noise region independently with probability t_b (the prompt never); then
 
     loss_b = sum over masked positions i of the loss region of -log p_theta(x0_i | x_t) / t_b
