@@ -21,6 +21,7 @@ The output folder is a `datasets.DatasetDict` saved with `save_to_disk` (splits 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -161,7 +162,7 @@ def _prompt_and_response_texts(rows: list[dict], data, tok) -> tuple[list[str | 
 
     prompts: list[str | None] = []
     responses: list[str | None] = []
-    chat_fn = lambda messages: _chat_prompt_text(tok, messages)  # noqa: E731
+    chat_fn = functools.partial(_chat_prompt_text, tok)
     for i, row in enumerate(rows):
         if data.format == "chat" and data.messages_field:
             messages = row.get(data.messages_field)
@@ -185,7 +186,7 @@ def _prompt_and_response_texts(rows: list[dict], data, tok) -> tuple[list[str | 
         inp = str(inp) if inp is not None else None
         if data.format == "chat" and not getattr(tok, "chat_template", None):
             raise ConfigError("format chat needs a tokenizer with a chat template", key="data.format")
-        prompts.append(format_prompt(instruction, inp, data.format, chat_fn=chat_fn))  # generation's template
+        prompts.append(format_prompt(instruction, inp, data.format, chat_fn=chat_fn))  # as generation
         out = row.get(data.output_field)
         responses.append(str(out) if out is not None else "")
     return prompts, responses
