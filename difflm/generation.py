@@ -19,16 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from difflm.config import dump_yaml, load_yaml, to_dict
+from difflm.config import load_yaml, save_resolved, to_dict
 from difflm.data.evalsets import EVAL_SETS, load_eval_set, read_inputs
 from difflm.data.prompts import PROMPT_FORMATS, encode_prompt
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError
-from difflm.io import PartialResults, atomic_write_json, atomic_write_text, write_alpaca_eval_json
+from difflm.io import PartialResults, atomic_write_json, write_alpaca_eval_json
 
 
 @dataclass
-class ModelConfig:
+class GenerateModelConfig:
+    """The `model:` section of a generation recipe (training's is `difflm.training.TrainModelConfig`)."""
+
     name: str | None = field(
         default="tiny-shakespeare",
         metadata={"help": "hub name, local folder, an embedded model (tiny-shakespeare, tiny-math, tiny-math-r2ft) "
@@ -48,7 +50,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class GenerateDataConfig:
+    """The `data:` section of a generation recipe: where the prompts come from (training's `data:` section,
+    the training examples, is `difflm.training.TrainDataConfig`)."""
+
     prompts: list[str] = field(default_factory=list, metadata={"help": "prompt texts"})
     input: str | None = field(default=None, metadata={"help": "JSON list / JSONL with an instruction field"})
     eval_set: str | None = field(default=None, metadata={"choices": [None, *EVAL_SETS]})
@@ -64,11 +69,16 @@ class DataConfig:
             raise ConfigError("data_path needs eval_set (the schema to read it with)", key="data_path")
 
 
+# the names before the split (still importable; `ModelConfig`/`DataConfig` meant another class in training)
+ModelConfig = GenerateModelConfig
+DataConfig = GenerateDataConfig
+
+
 @dataclass
 class GenerateRecipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: GenerateModelConfig = field(default_factory=GenerateModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: GenerateDataConfig = field(default_factory=GenerateDataConfig)
     output: str | None = field(default=None, metadata={"help": "output JSON (alpaca_eval format)"})
     overwrite: bool = False
     batch_size: int = field(default=8, metadata={"min": 1})
@@ -87,7 +97,7 @@ class Item:
     prompt_ids: list[int]
 
 
-def load_items(data: DataConfig) -> list[dict]:
+def load_items(data: GenerateDataConfig) -> list[dict]:
     if data.prompts:
         items = [{"id": f"prompt-{i}", "instruction": p, "dataset": "prompts"} for i, p in enumerate(data.prompts)]
         return items[: data.limit] if data.limit else items
@@ -131,7 +141,8 @@ def iter_batches(
     """
     import torch
 
-    from difflm.decoding import generate, item_seed
+    from difflm.decoding import generate
+    from difflm.seeding import item_seed
 
     if model.tokenizer is None:
         raise ConfigError(f"model {model.name} has no tokenizer: pass model.tokenizer=DIR", key="model.tokenizer")
@@ -291,7 +302,7 @@ def prepare_output(recipe: GenerateRecipe, dist: Dist) -> set[str]:
         partials = _all_partials(out)
         if recipe.overwrite:
             for p in partials:
-                p.unlink()
+                PartialResults(p).remove()
             partials = []
         if partials and paths["config"].exists():
             old = load_yaml(paths["config"])
@@ -304,7 +315,7 @@ def prepare_output(recipe: GenerateRecipe, dist: Dist) -> set[str]:
                         "rerun with the same settings to resume, or pass --overwrite",
                         key="output",
                     )
-        atomic_write_text(paths["config"], dump_yaml(recipe))
+        save_resolved(recipe, paths["config"])
     _barrier(dist)
     done: set[str] = set()
     for p in _all_partials(out):
@@ -323,7 +334,7 @@ def check_model_decoder(recipe: GenerateRecipe) -> None:
     check_method_family(recipe.decode.method, known_family(name, recipe.model.family), name)
 
 
-def load_recipe_model(m: ModelConfig, dist: Dist | None = None):
+def load_recipe_model(m: GenerateModelConfig, dist: Dist | None = None):
     """Load the recipe's model; under a launcher each rank takes its own GPU (cuda:LOCAL_RANK)."""
     from difflm.models import load_model
 
@@ -405,6 +416,6 @@ def run_generate(
             write_alpaca_eval_json(paths["output"], records)
             atomic_write_json(paths["manifest"], man)
             for p in _all_partials(paths["output"]):
-                p.unlink()
+                PartialResults(p).remove()
     _barrier(dist)
     return records, man

@@ -179,3 +179,23 @@ def test_a_failed_export_keeps_the_previous_export(tiny_native_llada_dir, tmp_pa
     assert sorted(os.listdir(dest)) == ["tiny-shakespeare"] and not (out / "SENTINEL").exists()
     assert "MODEL_CARD.md" in os.listdir(out)
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_heldout_loss_never_predicts_mask():
+    """The held-out loss uses the training losses' SUBS log-probabilities: the MASK logit is -inf. A model that
+    puts all its mass on MASK and spreads the rest evenly over 4 tokens scores ln 4 per masked token
+    (the loss without the rule, ln(4 + e^20) ~ 20, is what it reported before)."""
+    import math
+    from types import SimpleNamespace
+
+    class MaskLover:
+        ids = SimpleNamespace(mask_id=4)
+        device = torch.device("cpu")
+
+        def __call__(self, x):
+            logits = torch.zeros(*x.shape, 5)
+            logits[..., 4] = 20.0
+            return logits
+
+    loss = heldout_loss(MaskLover(), [([0, 1, 2, 3, 0, 1, 2, 3, 2, 1], 2)])
+    assert loss == pytest.approx(math.log(4), rel=1e-6)

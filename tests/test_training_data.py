@@ -164,3 +164,79 @@ def test_a_failed_tokenize_keeps_the_previous_dataset(tiny_native_llada_dir, tmp
     monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", real_save)
     tokenize(make(tiny_native_llada_dir, out, eval_size=3), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"] and len(load_tokenized(out)[0]["eval"]) == 3
+
+
+# -- the prompt ids training trains on are the ids generation feeds the model --------------------------------
+class _Captured(Exception):
+    pass
+
+
+def _generation_prompt_ids(model, item: dict, fmt: str, monkeypatch) -> list[int]:
+    """The prompt ids `difflm generate` (`iter_batches`) passes to the decoder for one item: the real code
+    path up to `difflm.decoding.generate`, which is replaced by a recorder (the decoding is not under test)."""
+    import difflm.decoding
+    from difflm.decoding import DecodeConfig
+    from difflm.generation import iter_batches
+
+    seen = {}
+
+    def record(model, ids, cfg, attention_mask=None, **kwargs):
+        seen["ids"] = ids[0][attention_mask[0].bool()].tolist()
+        raise _Captured
+
+    monkeypatch.setattr(difflm.decoding, "generate", record)
+    with pytest.raises(_Captured):
+        next(iter_batches(model, [item], DecodeConfig(), prompt_format=fmt, batch_size=1))
+    return seen["ids"]
+
+
+PARITY_ROWS = [
+    {"instruction": "List three fruits.", "input": "", "output": "Apple, pear, plum."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Say <|eot_id|> hello\n", "input": "  ", "output": "hello"},  # a special-token string, blank input
+]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "alpaca-cot", "raw", "chat"])
+def test_training_prompt_ids_equal_generation_prompt_ids(tiny_native_llada_dir, tmp_path, fmt, monkeypatch):
+    """For every prompt format both share (and the tiny tokenizer's chat template), the prompt part of a
+    tokenized example is exactly what generation encodes for the same instruction and input."""
+    from difflm.models import load_model
+
+    tokenize(make(tiny_native_llada_dir, tmp_path / "d", format=fmt), rows=PARITY_ROWS)
+    train_rows = rows(load_tokenized(tmp_path / "d")[0]["train"])
+    assert len(train_rows) == len(PARITY_ROWS)
+    model = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    for src, row in zip(PARITY_ROWS, train_rows):
+        trained = row["input_ids"][: int(row["prompt_len"])].tolist()
+        item = {"id": "x", "instruction": src["instruction"], "input": src["input"]}
+        assert trained == _generation_prompt_ids(model, item, fmt, monkeypatch), (fmt, src)
+
+
+def test_chat_messages_prompt_ids_equal_generation_prompt_ids(tiny_native_llada_dir, tmp_path, monkeypatch):
+    """Chat data (`messages_field`): the context before the answer, one user turn, is encoded as generation
+    encodes that turn (`DiffusionLM.chat_ids`: the template tokenized by transformers, not text + encode)."""
+    from difflm.models import load_model
+
+    turns = ["What is 2 + 2?", "Name a colour.\n\nOne word."]
+    data = [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": "ok"}]} for u in turns]
+    tokenize(make(tiny_native_llada_dir, tmp_path / "d", format="chat", messages_field="messages"), rows=data)
+    train_rows = rows(load_tokenized(tmp_path / "d")[0]["train"])
+    model = load_model(str(tiny_native_llada_dir), dtype="float32", device="cpu")
+    assert len(train_rows) == len(turns)
+    for user, row in zip(turns, train_rows):
+        trained = row["input_ids"][: int(row["prompt_len"])].tolist()
+        assert trained == model.chat_ids(user)
+        assert trained == _generation_prompt_ids(model, {"id": "x", "instruction": user}, "chat", monkeypatch)
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+
+    import difflm.training.data as old
+    import difflm.training.tokenized as new
+
+    with pytest.warns(DeprecationWarning, match="difflm.training.tokenized"):
+        importlib.reload(old)
+    assert old.__all__ == new.__all__ and old.load_tokenized is new.load_tokenized and old.tokenize is new.tokenize
+    assert old.META_FILE == new.META_FILE

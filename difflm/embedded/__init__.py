@@ -28,8 +28,11 @@ JULIUS_CAESAR_LINES = [
 
 def heldout_loss(model, rows: list[tuple[list[int], int]], ts=(0.15, 0.5, 0.85), seed: int = 0) -> float:
     """Mean -log p(x0_i | x_t) over masked positions, for each row (ids, prompt_len) and each mask
-    ratio t in `ts`; positions before prompt_len are never masked. Fixed noise (seeded), fp32 log-softmax."""
+    ratio t in `ts`; positions before prompt_len are never masked. Fixed noise (seeded); log-probabilities as
+    in training (`difflm.subs`: float32, the MASK logit at -inf)."""
     import torch
+
+    from difflm.subs import log_probs
 
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -43,8 +46,8 @@ def heldout_loss(model, rows: list[tuple[list[int], int]], ts=(0.15, 0.5, 0.85),
                 if not m.any():
                     m[prompt_len] = True
                 xt = torch.where(m, torch.full_like(x0, mask_id), x0)
-                logits = model(xt[None].to(model.device))[0].float()
-                logp = torch.log_softmax(logits, -1)[m.to(logits.device)]
+                logits = model(xt[None].to(model.device))[0]
+                logp = log_probs(logits, mask_id)[m.to(logits.device)]
                 total += -logp.gather(1, x0[m].to(logits.device)[:, None]).sum().item()
                 count += int(m.sum())
     return total / max(count, 1)

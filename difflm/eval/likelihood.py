@@ -39,18 +39,13 @@ from typing import Any, Sequence
 import torch
 
 from difflm.models.base import logits_of
+from difflm.subs import without_mask as _without_mask  # float32 copy, MASK logit at -inf
 
 __all__ = ["greedy_matches", "masked_bound_losses", "mc_loglikelihood", "sample_masks", "stratified_mask_counts"]
 
 
 def _logits(model: Any, x: torch.Tensor) -> torch.Tensor:
     return logits_of(model(x, attention_mask=None))
-
-
-def _without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """float32 copy of the logits with the MASK logit at -inf (SUBS: MASK is never a prediction)."""
-    idx = torch.tensor([mask_id], device=logits.device)
-    return logits.float().index_fill(-1, idx, float("-inf"))
 
 
 def stratified_mask_counts(answer_len: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -146,11 +146,9 @@ class DifflmLM(LM):
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
 
     def _seed(self, *parts: str) -> torch.Generator:
-        from difflm.decoding import item_seed
+        from difflm.seeding import item_generator
 
-        g = torch.Generator()
-        g.manual_seed(item_seed(self.decode_base.seed, "\x1f".join(parts)))
-        return g
+        return item_generator(self.decode_base.seed, *parts)
 
     # -- generate_until ----------------------------------------------------------------------------
     def _decode_config(self, gen_kwargs: dict) -> DecodeConfig:
@@ -160,8 +158,9 @@ class DifflmLM(LM):
         return cfg
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        from difflm.decoding import generate, item_seed
+        from difflm.decoding import generate
         from difflm.generation import decode_output
+        from difflm.seeding import item_seed
 
         results: list[str | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}

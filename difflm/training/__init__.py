@@ -8,14 +8,26 @@
     result = sft(cfg)        # -> cfg.train.output_dir/final
     difflm.training.r2ft.corrupt(x0, prompt_len, answer_end, mask_id, eos_id, generator)
 
-Modules: `recipes` (the dataclasses), `data` (tokenize), `losses` (diffusion/AR SFT losses),
+Modules: `recipes` (the dataclasses), `tokenized` (`difflm tokenize`: instruction data -> token ids on
+disk, and `load_tokenized`; `data` is its deprecated old name), `losses` (diffusion/AR SFT losses),
 `r2ft` (the corruption rule and the R2FT loss), `loop` (the accelerate training loop), `merge`.
+Seeds come from `difflm.seeding`, the MASK-at--inf log-softmax from `difflm.subs`.
 Importing this package is cheap (torch loads with the submodules).
 """
 
 from __future__ import annotations
 
-from .recipes import DataConfig, LoraConfig, ModelConfig, OptimConfig, R2FTConfig, TrainConfig, TrainRecipe
+from .recipes import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    R2FTConfig,
+    TrainConfig,
+    TrainDataConfig,
+    TrainModelConfig,
+    TrainRecipe,
+)
 
 __all__ = [
     "DataConfig",
@@ -25,6 +37,8 @@ __all__ = [
     "OptimConfig",
     "R2FTConfig",
     "TrainConfig",
+    "TrainDataConfig",
+    "TrainModelConfig",
     "TrainRecipe",
     "TrainResult",
     "merge_adapter",
@@ -36,8 +50,8 @@ __all__ = [
 
 
 def tokenize(recipe, overwrite: bool = False, rows=None, status=None):
-    """Tokenize `recipe.data` into `recipe.data.path` (see `difflm.training.data.tokenize`)."""
-    from .data import tokenize as _tokenize
+    """Tokenize `recipe.data` into `recipe.data.path` (see `difflm.training.tokenized.tokenize`)."""
+    from .tokenized import tokenize as _tokenize
 
     return _tokenize(recipe, overwrite=overwrite, rows=rows, status=status)
 

@@ -1,22 +1,23 @@
 """The training loop behind `difflm sft` and `difflm r2ft`, on Hugging Face accelerate.
 
-One function, `train(recipe, kind)`, in the order it runs:
+`train(recipe, kind)` runs four parts, each a function here (the split of torchtune's recipes):
 
-1. accelerate: one process or many (`accelerate launch` / `torchrun`: DDP; an FSDP config is in
-   `recipes/accelerate/`), autocast for bf16/fp16, a gradient scaler for fp16.
-2. data: the tokenized folder (`difflm tokenize`), checked against the model's ids.
-3. model: `difflm.models.load_model` (QLoRA: 4-bit nf4 with double quantisation), then LoRA via
-   peft (or the given adapter, trainable), gradient checkpointing (non-reentrant), `.train()`.
-4. AdamW (or bitsandbytes 8-bit AdamW; no decay on vectors), linear warm-up then constant or cosine.
-5. steps: a global batch of `train.global_batch` sequences = micro-batches x accumulation x ranks.
-   Forward passes go through the *wrapped* (DDP) module, and only the last micro-batch of a step
-   synchronises gradients (`no_sync` before it), so the all-reduce happens exactly once per step.
-   Then clipping, the optimiser and the scheduler step.
-6. every `log_every`: metrics (loss averaged over the global batch and all ranks, lr, gradient norm,
-   tokens/s; R2FT adds LW, LL and their margin) to `metrics.jsonl` and the callback;
-   every `eval_every`: the held-out loss with fixed noise; every `save_every`: a checkpoint.
-7. the end: `final/` (the adapter alone for LoRA/QLoRA; a full checkpoint otherwise, in difflm's
-   native format for LLaDA) and a last checkpoint.
+- setup (`_setup`, `_setup_model`): accelerate (one process or many: `accelerate launch` / `torchrun`,
+  DDP; an FSDP config is in `recipes/accelerate/`; autocast for bf16/fp16, a gradient scaler for fp16);
+  the tokenized folder (`difflm tokenize`) checked against the recipe and the model; the model
+  (`build_model`: `difflm.models.load_model`, QLoRA in 4-bit nf4 with double quantisation, LoRA via peft
+  or the given adapter, gradient checkpointing); AdamW (or bitsandbytes 8-bit AdamW; no decay on vectors)
+  with linear warm-up then constant or cosine; the data order (`DataStream`); a resumed checkpoint.
+- step (`_train_step`): a global batch of `train.global_batch` sequences = micro-batches x accumulation
+  x ranks. Forward passes go through the *wrapped* (DDP) module, and only the last micro-batch of a step
+  synchronises gradients (`no_sync` before it), so the all-reduce happens exactly once per step; then
+  clipping, the optimiser and the scheduler step. Its statistics are a `StepSums` (named sums over the
+  sequences), all-reduced in one call on the steps that are logged (`log_every`): loss averaged over the
+  global batch and all ranks, lr, gradient norm, tokens/s; R2FT adds LW, LL and their margin.
+- evaluate (`_evaluate`, every `eval_every`): the held-out loss with fixed noise.
+- checkpoint (`_save_checkpoint` every `save_every`, `_resume`, `_save_final`): at the end `final/` (the
+  adapter alone for LoRA/QLoRA; a full checkpoint otherwise, in difflm's native format for LLaDA) and a
+  last checkpoint.
 
 Determinism: the data order is a fresh permutation per epoch from (seed, epoch); step s takes the
 stream positions [s G, (s+1) G). Every sequence's noise (mask pattern, t, R2FT corruption) is
@@ -37,17 +38,18 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from difflm.config import dump_yaml, load_yaml, to_dict
+from difflm.config import load_yaml, save_resolved, to_dict
 from difflm.errors import ConfigError
 from difflm.io import atomic_directory
+from difflm.seeding import seed_for
 
-from .losses import seed_for, sft_batch_loss, weight_decay_groups
+from .losses import sft_batch_loss, weight_decay_groups
 from .recipes import TrainRecipe
 
 __all__ = ["TrainResult", "train", "latest_checkpoint", "build_model", "enable_gradient_checkpointing", "add_lora"]
@@ -213,7 +215,7 @@ class DataStream:
         return int(self._perm[1][k % self.n])
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
+# -- checkpoint files (weights in the format users load) ------------------------------------------------
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint folder (`checkpoints/step-N` with its trainer_state.json)."""
     root = Path(output_dir) / CHECKPOINTS
@@ -281,7 +283,7 @@ def _save_model(accelerator, model, out_dir: Path, dlm) -> None:
         dlm.tokenizer.save_pretrained(str(out_dir))
 
 
-# -- the loop ------------------------------------------------------------------------------------------
+# -- accelerate, the output folder, the checks -----------------------------------------------------------
 def _accelerator(t):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -343,10 +345,9 @@ def _create_output(recipe: TrainRecipe, acc, kind: str, ckpt: Path | None) -> No
     out = Path(t.output_dir)
     acc.wait_for_everyone()  # every rank has looked before the main rank changes anything
     if acc.is_main_process:
-        from difflm.io import atomic_write_text
 
         def write(folder: Path) -> None:
-            atomic_write_text(folder / "recipe.yaml", dump_yaml(recipe))
+            save_resolved(recipe, folder / "recipe.yaml")
             (folder / "command.txt").write_text(kind + "\n")
 
         if t.overwrite and out.exists():  # the old run goes in one swap, never half-deleted
@@ -412,6 +413,299 @@ def _check_model(meta: dict, dlm, kind: str, recipe: TrainRecipe) -> None:
         )
 
 
+# -- metrics --------------------------------------------------------------------------------------------
+@dataclass
+class StepSums:
+    """Sums over the sequences of one optimiser step (or one held-out pass), by name. The loss functions
+    return per-sequence stats (`loss`, `tokens`; R2FT adds `lw`, `ll`, `margin`); `add` sums a micro-batch's,
+    `all_reduce` sums over the ranks in one collective call (float64), `mean` divides by the sequences."""
+
+    loss: float = 0.0
+    sequences: float = 0.0
+    lw: float = 0.0
+    ll: float = 0.0
+    margin: float = 0.0
+    tokens: float = 0.0  #: loss-region (answer) tokens
+
+    def add(self, stats: dict[str, torch.Tensor], sequences: int) -> None:
+        self.loss += float(stats["loss"].sum())
+        self.sequences += sequences
+        for name in ("lw", "ll", "margin"):
+            if name in stats:
+                setattr(self, name, getattr(self, name) + float(stats[name].sum()))
+        self.tokens += float(stats["tokens"].sum())
+
+    def all_reduce(self, acc) -> StepSums:
+        names = [f.name for f in fields(self)]
+        values = torch.tensor([getattr(self, n) for n in names], dtype=torch.float64)
+        values = acc.reduce(values.to(acc.device), reduction="sum").cpu()
+        return StepSums(**{n: float(v) for n, v in zip(names, values.tolist())})
+
+    def mean(self, name: str) -> float:
+        return getattr(self, name) / max(1.0, self.sequences)
+
+
+# -- setup ----------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What `_setup` builds and the step, evaluation and checkpoint functions share."""
+
+    recipe: TrainRecipe
+    kind: str  #: "sft" or "r2ft"
+    acc: Any  #: the accelerate `Accelerator`
+    emit: Callable[[dict], None]  #: the callback on the main process, a no-op elsewhere
+    out: Path
+    meta: dict  #: the tokenized folder's metadata
+    train_ds: Any
+    eval_ds: Any
+    accum: int  #: micro-batches per optimiser step and rank
+    total: int  #: optimiser steps of the whole run
+    resume_from: Path | None
+    dlm: Any = None  #: the `DiffusionLM`; its `.module` is the wrapped (DDP) model while training
+    model: Any = None  #: the accelerate-prepared module
+    optimizer: Any = None
+    scheduler: Any = None
+    stream: DataStream | None = None
+    start: int = 0  #: the first step to run (the resumed checkpoint's step)
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_ds)
+
+
+def _setup(recipe: TrainRecipe, kind: str, callback: Callable[[dict], None] | None) -> _Run:
+    """accelerate, the checks, the data and the output folder, then the model and optimiser (`_setup_model`)
+    and a resumed checkpoint (`_resume`). Every check that can fail cheaply runs before the model loads."""
+    from .tokenized import load_tokenized
+
+    if kind not in ("sft", "r2ft"):
+        raise ValueError(f"unknown training kind {kind!r}")
+    t = recipe.train
+    acc = _accelerator(t)
+    emit = (callback if acc.is_main_process and callback else (lambda e: None))
+    world = acc.num_processes
+    if t.global_batch % (t.micro_batch * world):
+        raise ConfigError(
+            f"global_batch {t.global_batch} is not a multiple of micro_batch {t.micro_batch} x {world} processes",
+            key="train.global_batch",
+        )
+    dsd, meta = load_tokenized(recipe.data.path)
+    _check_meta(meta, recipe, kind)
+    resume_from = _check_output(recipe)
+    n_train = len(dsd["train"])
+    run = _Run(
+        recipe, kind, acc, emit, Path(t.output_dir), meta, dsd["train"], dsd["eval"] if "eval" in dsd else None,
+        accum=t.global_batch // (t.micro_batch * world),
+        total=t.max_steps or max(1, math.ceil(t.epochs * n_train / t.global_batch)),
+        resume_from=resume_from,
+    )
+    _setup_model(run)
+    if resume_from is not None:
+        _resume(run, resume_from)
+    acc.wait_for_everyone()
+    run.stream = DataStream(n_train, t.seed)
+    return run
+
+
+def _setup_model(run: _Run) -> None:
+    """The model (checked against the data), the output folder, AdamW and the lr schedule, `accelerate.prepare`."""
+    recipe, acc, optim = run.recipe, run.acc, run.recipe.optim
+    dlm = build_model(recipe, acc.device)
+    _check_model(run.meta, dlm, run.kind, recipe)
+    _create_output(recipe, acc, run.kind, run.resume_from)
+    optimizer = build_optimizer(dlm.module, optim, acc.device)
+    total = run.total
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
+    )
+    run.model, run.optimizer, run.scheduler = acc.prepare(dlm.module, optimizer, scheduler)
+    dlm.module = run.model  # every training forward goes through the wrapper (DDP all-reduce, autocast)
+    run.dlm = dlm
+
+
+def _start_event(run: _Run) -> dict:
+    t, model = run.recipe.train, run.model
+    return {
+        "event": "start", "kind": run.kind, "start_step": run.start, "total_steps": run.total,
+        "world_size": run.world, "accumulation": run.accum, "micro_batch": t.micro_batch,
+        "global_batch": t.global_batch, "train_examples": run.n_train,
+        "eval_examples": len(run.eval_ds) if run.eval_ds is not None else 0,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in run.acc.unwrap_model(model).parameters()),
+        "device": str(run.acc.device), "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "max_length": run.meta.get("max_length"),
+    }
+
+
+# -- step -----------------------------------------------------------------------------------------------
+def _loss(run: _Run, batch: dict, positions: list[int], tag: str = "train"):
+    """(mean loss, per-sequence stats) of one micro-batch: SFT's objective or R2FT's."""
+    t, dlm = run.recipe.train, run.dlm
+    ids = dlm.ids
+    if run.kind == "r2ft":
+        from .r2ft import r2ft_batch_loss
+
+        return r2ft_batch_loss(
+            dlm, batch, positions, seed=t.seed, mask_id=ids.mask_id, eos_id=ids.eos_id, cfg=run.recipe.r2ft,
+            causal=not dlm.is_diffusion, tag=tag,
+        )
+    return sft_batch_loss(dlm, batch, positions, seed=t.seed, objective=t.objective, mask_id=ids.mask_id, eps=t.eps, tag=tag)
+
+
+def _train_step(run: _Run, step: int, trainable: list[torch.Tensor]) -> tuple[StepSums, Any, float]:
+    """One optimiser step over this rank's micro-batches of global batch `step`: (this rank's sums, the
+    gradient norm before clipping or None, the lr used). Gradients are all-reduced once, at the last one."""
+    t, optim, acc, model = run.recipe.train, run.recipe.optim, run.acc, run.model
+    sums = StepSums()
+    for a in range(run.accum):
+        base = step * t.global_batch + (a * run.world + run.rank) * t.micro_batch
+        positions = list(range(base, base + t.micro_batch))
+        batch = run.train_ds[[run.stream.index(k) for k in positions]]
+        torch.manual_seed(seed_for(t.seed, "dropout", step, run.rank, a))
+        sync = a == run.accum - 1
+        with (nullcontext() if sync else acc.no_sync(model)):
+            loss, stats = _loss(run, batch, positions)
+            acc.backward(loss / run.accum)
+        sums.add(stats, len(positions))
+    grad_norm = None
+    if optim.grad_clip is not None and optim.grad_clip > 0:
+        grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm, lr
+
+
+@dataclass
+class _Throughput:
+    """Wall clock of the run and of the window since the last logged step (tokens/s)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    window_start: float = field(default_factory=time.perf_counter)
+    window_tokens: int = 0
+
+
+def _train_record(run: _Run, step: int, sums: StepSums, grad_norm, lr: float, clock: _Throughput) -> dict:
+    """The metrics.jsonl line of a logged step (`sums` all-reduced); restarts the throughput window."""
+    loss = sums.mean("loss")
+    if not math.isfinite(loss):
+        raise RuntimeError(f"the loss is {loss} at step {step}; lower optim.lr or check the data")
+    now = time.perf_counter()
+    rec = {
+        "step": step, "split": "train", "loss": loss, "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "epoch": step * run.recipe.train.global_batch / run.n_train,
+        "tokens_per_s": clock.window_tokens / max(1e-9, now - clock.window_start),
+        "answer_tokens": sums.tokens, "elapsed_s": now - clock.started,
+    }
+    if run.kind == "r2ft":
+        rec.update(lw=sums.mean("lw"), ll=sums.mean("ll"), margin=sums.mean("margin"))
+    clock.window_start, clock.window_tokens = now, 0
+    return rec
+
+
+# -- evaluate -------------------------------------------------------------------------------------------
+def _evaluate(run: _Run, step: int) -> dict | None:
+    """The held-out loss (fixed noise per example: tag "eval") over the first `train.eval_examples`,
+    split over the ranks; its metrics.jsonl line, or None without an eval split."""
+    if run.eval_ds is None:
+        return None
+    t, acc, dlm = run.recipe.train, run.acc, run.dlm
+    n = min(len(run.eval_ds), t.eval_examples or len(run.eval_ds))
+    mine = list(range(run.rank, n, run.world))
+    unwrapped = acc.unwrap_model(run.model)  # no DDP: ranks may run different numbers of batches
+    dlm.module = unwrapped
+    unwrapped.eval()
+    sums = StepSums()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(mine), t.micro_batch):
+                idx = mine[i : i + t.micro_batch]
+                _, stats = _loss(run, run.eval_ds[idx], idx, tag="eval")
+                sums.add(stats, len(idx))
+    finally:
+        unwrapped.train()
+        dlm.module = run.model
+    sums = sums.all_reduce(acc)
+    rec = {"step": step, "split": "eval", "eval_loss": sums.mean("loss"), "eval_examples": int(sums.sequences)}
+    if run.kind == "r2ft":
+        rec.update(eval_lw=sums.mean("lw"), eval_ll=sums.mean("ll"))
+    return rec
+
+
+# -- checkpoint -----------------------------------------------------------------------------------------
+def _resume(run: _Run, ckpt: Path) -> None:
+    """Load a checkpoint into the prepared run: weights, accelerate's state (optimizer, scheduler, scaler,
+    RNG), the step; the main rank drops the metric lines logged after it."""
+    from accelerate.utils import DistributedType
+
+    acc = run.acc
+    if acc.distributed_type != DistributedType.FSDP:  # FSDP: accelerate loads its own shards
+        _load_weights(acc.unwrap_model(run.model), ckpt / "model")
+    acc.load_state(str(ckpt / "state"))
+    run.start = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+    if acc.is_main_process:
+        _truncate_metrics(run.out / METRICS_FILE, run.start)
+
+
+def _save_checkpoint(run: _Run, step: int) -> Path:
+    """checkpoints/step-N (weights, accelerate's state, trainer_state.json), built in a temporary folder by
+    every rank and renamed when complete; then only the newest `train.keep_last` are kept."""
+    t, acc = run.recipe.train, run.acc
+    root = run.out / CHECKPOINTS
+    final = root / f"step-{step:07d}"
+    # every rank writes into checkpoints/.step-N.tmp (accelerate's state: one RNG file per rank)
+    with atomic_directory(final, sync=acc.wait_for_everyone, owner=acc.is_main_process) as tmp:
+        _save_model(acc, run.model, tmp / "model", run.dlm)
+        acc.save_state(str(tmp / "state"))
+        if acc.is_main_process:
+            state = {
+                "step": step, "total_steps": run.total, "consumed_sequences": step * t.global_batch,
+                "epoch": step * t.global_batch / run.n_train, "world_size": run.world, "accumulation": run.accum,
+                "kind": run.kind, "time": time.time(),
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    if acc.is_main_process:
+        done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[: -t.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    run.emit({"event": "save", "step": step, "path": str(final)})
+    return final
+
+
+def _save_final(run: _Run, last: dict, last_eval: dict | None) -> Path:
+    """A last checkpoint (so --resume with a larger max_steps continues) and final/ with difflm_training.json."""
+    acc, out = run.acc, run.out
+    final_dir = out / "final"
+    if run.start < run.total or latest_checkpoint(out) is None:
+        _save_checkpoint(run, run.total)
+    # the previous final/ stays until the new one is complete (only the main rank writes; FSDP gathers on all)
+    with atomic_directory(final_dir) if acc.is_main_process else nullcontext(final_dir) as tmp:
+        _save_model(acc, run.model, tmp, run.dlm)
+        if acc.is_main_process:
+            summary = {"kind": run.kind, "steps": run.total, "last": last, "eval": last_eval, "recipe": to_dict(run.recipe)}
+            (tmp / "difflm_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    acc.wait_for_everyone()
+    return final_dir
+
+
+def _log(run: _Run, rec: dict) -> None:
+    if run.acc.is_main_process:
+        with open(run.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# -- the loop -------------------------------------------------------------------------------------------
 def train(
     recipe: TrainRecipe,
     kind: str = "sft",
@@ -422,208 +716,31 @@ def train(
     `callback(event)` receives dicts on the main process: {"event": "start", ...}, "step" (the
     logged metrics), "eval", "save" and "done". Returns a `TrainResult` (on every rank).
     """
-    from .data import load_tokenized
-
-    if kind not in ("sft", "r2ft"):
-        raise ValueError(f"unknown training kind {kind!r}")
-    t, optim = recipe.train, recipe.optim
-    acc = _accelerator(t)
-    emit = (callback if acc.is_main_process and callback else (lambda e: None))
-    world, rank = acc.num_processes, acc.process_index
-    if t.global_batch % (t.micro_batch * world):
-        raise ConfigError(
-            f"global_batch {t.global_batch} is not a multiple of micro_batch {t.micro_batch} x {world} processes",
-            key="train.global_batch",
-        )
-    accum = t.global_batch // (t.micro_batch * world)
-    dsd, meta = load_tokenized(recipe.data.path)
-    _check_meta(meta, recipe, kind)
-    resume_from = _check_output(recipe)
-    out = Path(t.output_dir)
-
-    dlm = build_model(recipe, acc.device)
-    _check_model(meta, dlm, kind, recipe)
-    _create_output(recipe, acc, kind, resume_from)
-    causal = not dlm.is_diffusion
-    train_ds = dsd["train"]
-    eval_ds = dsd["eval"] if "eval" in dsd else None
-    n_train = len(train_ds)
-    total = t.max_steps or max(1, math.ceil(t.epochs * n_train / t.global_batch))
-
-    module = dlm.module
-    optimizer = build_optimizer(module, optim, acc.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
-    )
-    model, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
-    dlm.module = model  # every training forward goes through the wrapper (DDP all-reduce, autocast)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in acc.unwrap_model(model).parameters())
-
-    start = 0
-    metrics_path = out / METRICS_FILE
-    if resume_from is not None:
-        from accelerate.utils import DistributedType
-
-        if acc.distributed_type != DistributedType.FSDP:  # FSDP: accelerate loads its own shards
-            _load_weights(acc.unwrap_model(model), resume_from / "model")
-        acc.load_state(str(resume_from / "state"))
-        start = int(json.loads((resume_from / STATE_FILE).read_text())["step"])
-        if acc.is_main_process:
-            _truncate_metrics(metrics_path, start)
-    acc.wait_for_everyone()
-
-    stream = DataStream(n_train, t.seed)
-    ids = dlm.ids
-
-    def loss_on(batch, positions, tag="train"):
-        if kind == "r2ft":
-            from .r2ft import r2ft_batch_loss
-
-            return r2ft_batch_loss(
-                dlm, batch, positions, seed=t.seed, mask_id=ids.mask_id, eos_id=ids.eos_id, cfg=recipe.r2ft,
-                causal=causal, tag=tag,
-            )
-        return sft_batch_loss(dlm, batch, positions, seed=t.seed, objective=t.objective, mask_id=ids.mask_id, eps=t.eps, tag=tag)
-
-    def evaluate(step: int) -> dict | None:
-        if eval_ds is None:
-            return None
-        n = min(len(eval_ds), t.eval_examples or len(eval_ds))
-        mine = list(range(rank, n, world))
-        unwrapped = acc.unwrap_model(model)  # no DDP: ranks may run different numbers of batches
-        dlm.module = unwrapped
-        unwrapped.eval()
-        sums = torch.zeros(5, dtype=torch.float64)
-        try:
-            with torch.no_grad():
-                for i in range(0, len(mine), t.micro_batch):
-                    idx = mine[i : i + t.micro_batch]
-                    _, st = loss_on(eval_ds[idx], idx, tag="eval")
-                    sums += torch.tensor([
-                        float(st["loss"].sum()), len(idx),
-                        float(st["lw"].sum()) if "lw" in st else 0.0,
-                        float(st["ll"].sum()) if "ll" in st else 0.0,
-                        float(st["tokens"].sum()),
-                    ], dtype=torch.float64)
-        finally:
-            unwrapped.train()
-            dlm.module = model
-        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
-        rec = {"step": step, "split": "eval", "eval_loss": float(sums[0] / max(1, sums[1])), "eval_examples": int(sums[1])}
-        if kind == "r2ft":
-            rec.update(eval_lw=float(sums[2] / max(1, sums[1])), eval_ll=float(sums[3] / max(1, sums[1])))
-        return rec
-
-    def log(rec: dict) -> None:
-        if acc.is_main_process:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def save_checkpoint(step: int) -> Path:
-        root = out / CHECKPOINTS
-        final = root / f"step-{step:07d}"
-        # every rank writes into checkpoints/.step-N.tmp (accelerate's state: one RNG file per rank)
-        with atomic_directory(final, sync=acc.wait_for_everyone, owner=acc.is_main_process) as tmp:
-            _save_model(acc, model, tmp / "model", dlm)
-            acc.save_state(str(tmp / "state"))
-            if acc.is_main_process:
-                state = {
-                    "step": step, "total_steps": total, "consumed_sequences": step * t.global_batch,
-                    "epoch": step * t.global_batch / n_train, "world_size": world, "accumulation": accum,
-                    "kind": kind, "time": time.time(),
-                }
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if acc.is_main_process:
-            done = sorted((p for p in root.glob("step-*") if (p / STATE_FILE).is_file()), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: -t.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        emit({"event": "save", "step": step, "path": str(final)})
-        return final
-
-    emit({
-        "event": "start", "kind": kind, "start_step": start, "total_steps": total, "world_size": world,
-        "accumulation": accum, "micro_batch": t.micro_batch, "global_batch": t.global_batch,
-        "train_examples": n_train, "eval_examples": len(eval_ds) if eval_ds is not None else 0,
-        "trainable_params": n_trainable, "total_params": n_total, "device": str(acc.device),
-        "resumed_from": str(resume_from) if resume_from else None, "max_length": meta.get("max_length"),
-    })
-
-    model.train()
+    run = _setup(recipe, kind, callback)
+    t = recipe.train
+    run.emit(_start_event(run))
+    run.model.train()
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
     last: dict[str, Any] = {}
     last_eval = None
-    seq_len = int(meta.get("max_length", 0))
-    t_run = time.perf_counter()
-    window = {"t": time.perf_counter(), "tokens": 0}
-    for step in range(start, total):
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, seqs, lw, ll, margin, answer tokens
-        for a in range(accum):
-            base = step * t.global_batch + (a * world + rank) * t.micro_batch
-            positions = list(range(base, base + t.micro_batch))
-            batch = train_ds[[stream.index(k) for k in positions]]
-            torch.manual_seed(seed_for(t.seed, "dropout", step, rank, a))
-            sync = a == accum - 1
-            with (nullcontext() if sync else acc.no_sync(model)):
-                loss, st = loss_on(batch, positions)
-                acc.backward(loss / accum)
-            sums += torch.tensor([
-                float(st["loss"].sum()), len(positions),
-                float(st["lw"].sum()) if "lw" in st else 0.0,
-                float(st["ll"].sum()) if "ll" in st else 0.0,
-                float(st["margin"].sum()) if "margin" in st else 0.0,
-                float(st["tokens"].sum()),
-            ], dtype=torch.float64)
-        grad_norm = None
-        if optim.grad_clip is not None and optim.grad_clip > 0:
-            grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done_steps = step + 1
-        window["tokens"] += t.global_batch * seq_len
-
-        if done_steps % t.log_every == 0 or done_steps == total:
-            sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
-            n = max(1.0, float(sums[1]))
-            loss_value = float(sums[0] / n)
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"the loss is {loss_value} at step {done_steps}; lower optim.lr or check the data")
-            now = time.perf_counter()
-            rec = {
-                "step": done_steps, "split": "train", "loss": loss_value, "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "epoch": done_steps * t.global_batch / n_train,
-                "tokens_per_s": window["tokens"] / max(1e-9, now - window["t"]),
-                "answer_tokens": float(sums[5]), "elapsed_s": now - t_run,
-            }
-            if kind == "r2ft":
-                rec.update(lw=float(sums[2] / n), ll=float(sums[3] / n), margin=float(sums[4] / n))
-            window = {"t": now, "tokens": 0}
-            last = rec
-            log(rec)
-            emit({"event": "step", "total_steps": total, **rec})
-        if t.eval_every and (done_steps % t.eval_every == 0 or done_steps == total):
-            last_eval = evaluate(done_steps)
+    seq_len = int(run.meta.get("max_length", 0))
+    clock = _Throughput()
+    for step in range(run.start, run.total):
+        sums, grad_norm, lr = _train_step(run, step, trainable)
+        done = step + 1
+        clock.window_tokens += t.global_batch * seq_len
+        if done % t.log_every == 0 or done == run.total:
+            last = _train_record(run, done, sums.all_reduce(run.acc), grad_norm, lr, clock)
+            _log(run, last)
+            run.emit({"event": "step", "total_steps": run.total, **last})
+        if t.eval_every and (done % t.eval_every == 0 or done == run.total):
+            last_eval = _evaluate(run, done)
             if last_eval is not None:
-                log(last_eval)
-                emit({"event": "eval", **last_eval})
-        if t.save_every and done_steps % t.save_every == 0 and done_steps != total:
-            save_checkpoint(done_steps)
-
-    # the end: a last checkpoint (so --resume with a larger max_steps continues) and final/
-    final_dir = out / "final"
-    if start < total or latest_checkpoint(out) is None:
-        save_checkpoint(total)
-    # the previous final/ stays until the new one is complete (only the main rank writes; FSDP gathers on all)
-    with atomic_directory(final_dir) if acc.is_main_process else nullcontext(final_dir) as tmp:
-        _save_model(acc, model, tmp, dlm)
-        if acc.is_main_process:
-            summary = {"kind": kind, "steps": total, "last": last, "eval": last_eval, "recipe": to_dict(recipe)}
-            (tmp / "difflm_training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    acc.wait_for_everyone()
-    emit({"event": "done", "steps": total, "final": str(final_dir), "output_dir": str(out)})
-    dlm.module = acc.unwrap_model(model)
-    return TrainResult(out, final_dir, total, last, last_eval, dlm)
+                _log(run, last_eval)
+                run.emit({"event": "eval", **last_eval})
+        if t.save_every and done % t.save_every == 0 and done != run.total:
+            _save_checkpoint(run, done)
+    final_dir = _save_final(run, last, last_eval)
+    run.emit({"event": "done", "steps": run.total, "final": str(final_dir), "output_dir": str(run.out)})
+    run.dlm.module = run.acc.unwrap_model(run.model)
+    return TrainResult(run.out, final_dir, run.total, last, last_eval, run.dlm)

@@ -1,6 +1,6 @@
 """Training losses: masked-diffusion SFT (with the 1/t weight), the pretraining variant, AR next-token loss.
 
-The formulas (DESIGN.md section 4): for each sequence b draw t_b ~ U(eps, 1) and mask every position
+The formulas: for each sequence b draw t_b ~ U(eps, 1) and mask every position
 of its noise region independently with probability t_b (the prompt never); then
 
     loss_b = sum over masked positions i of the loss region of -log p_theta(x0_i | x_t) / t_b
@@ -25,10 +25,12 @@ resumed runs see exactly the same corruption as one process with one big batch.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
+
+from difflm.seeding import seed_for, seeded_generator
+from difflm.subs import log_probs as subs_log_probs
 
 __all__ = [
     "answer_length",
@@ -43,15 +45,10 @@ __all__ = [
 ]
 
 
-def seed_for(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of ints/strings; stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def example_generator(*parts: int | str) -> torch.Generator:
-    """A CPU generator seeded by `seed_for(*parts)` (noise is drawn on the CPU, then moved)."""
-    return torch.Generator().manual_seed(seed_for(*parts))
+    """A CPU generator seeded by `seed_for(*parts)` (noise is drawn on the CPU, then moved).
+    (`seed_for` lives in `difflm.seeding`; it is re-exported here.)"""
+    return seeded_generator(seed_for(*parts))
 
 
 def answer_length(prompt_len: int, response_len: int, max_length: int, eos_policy: str, has_eos: bool) -> int:
@@ -71,12 +68,8 @@ def answer_length(prompt_len: int, response_len: int, max_length: int, eos_polic
 
 
 def log_probs(logits: torch.Tensor, mask_id: int | None = None) -> torch.Tensor:
-    """float32 log-softmax over the last dimension with the MASK logit at -inf (SUBS)."""
-    logits = logits.float()
-    if mask_id is not None and 0 <= mask_id < logits.shape[-1]:
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
-    return torch.log_softmax(logits, dim=-1)
+    """float32 log-softmax over the last dimension with the MASK logit at -inf (SUBS; `difflm.subs`)."""
+    return subs_log_probs(logits, mask_id)
 
 
 def _positions(length: int, device: torch.device) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """R2FT (Rejecting Rule-based Fine-Tuning): teach a diffusion LM to prefer the real continuation
-over a synthetic repetition of its own recent text (DESIGN.md section 4).
+over a synthetic repetition of its own recent text (Seo et al. 2025; the rule and the loss below).
 
 The rule, for one sequence x0 = [prompt | answer | EOS padding] (`corrupt`):
 

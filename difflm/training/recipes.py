@@ -27,6 +27,8 @@ __all__ = [
     "OptimConfig",
     "R2FTConfig",
     "TrainConfig",
+    "TrainDataConfig",
+    "TrainModelConfig",
     "TrainRecipe",
     "DATA_FORMATS",
     "EOS_POLICIES",
@@ -37,7 +39,11 @@ EOS_POLICIES = ("all", "first", "none")
 
 
 @dataclass
-class ModelConfig:
+class TrainModelConfig:
+    """The `model:` section of a training recipe. (Generation's `model:` section is
+    `difflm.generation.GenerateModelConfig`: other keys, e.g. device and quantization, which training takes
+    from `train.device` and `train.mode`, and other defaults.)"""
+
     name: str | None = field(default=None, metadata={"help": "Hub name or local model folder"})
     family: str = field(
         default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"], "help": "model family"}
@@ -58,7 +64,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class TrainDataConfig:
+    """The `data:` section of a training recipe: the examples and how `difflm tokenize` turns them into
+    token ids (generation's `data:` section, the prompts, is `difflm.generation.GenerateDataConfig`)."""
+
     source: str = field(
         default="tatsu-lab/alpaca",
         metadata={"help": "Hub dataset name, or a local .json/.jsonl/.parquet/.csv file, folder or glob"},
@@ -105,6 +114,11 @@ class DataConfig:
     def validate(self) -> None:
         if self.eval_size >= 1 and self.eval_size != int(self.eval_size):
             raise ConfigError(f"a count must be a whole number, got {self.eval_size}", key="eval_size")
+
+
+# the names before the split (still importable; `ModelConfig`/`DataConfig` meant another class in generation)
+ModelConfig = TrainModelConfig
+DataConfig = TrainDataConfig
 
 
 @dataclass
@@ -190,8 +204,8 @@ class TrainConfig:
 
 @dataclass
 class TrainRecipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
