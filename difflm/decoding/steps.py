@@ -191,33 +191,74 @@ def propose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate tokens x0 [B, L] and confidences [B, L] (float64; -inf outside `region`).
 
-    x0 = argmax(logits / T + Gumbel) (T = 0: argmax), drawn only inside `region`; confidence is the
-    softmax probability of x0 (low_confidence) or a uniform draw (random), as in LLaDA.
+    x0 = argmax(logits / T + Gumbel) (T = 0: argmax), drawn only inside `region` (x0 is 0 outside it:
+    nothing may commit there); confidence is the softmax probability of x0 in float64 (low_confidence) or
+    a uniform draw (random), as in LLaDA. Only the region's positions are read: the full [B, L, V] logits
+    are never upcast, reduced or copied.
     """
-    x0 = logits.argmax(-1)
+    b, n = region.shape
+    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
     if temperature > 0:
         for r, g in enumerate(gens):
             pos = region[r].nonzero().squeeze(1)
             if pos.numel():
                 x0[r, pos] = gumbel_argmax(logits[r, pos], g, temperature)
     if remasking == "random":
+        if temperature == 0:
+            x0 = torch.where(region, _region_max(logits, region)[0], x0)
         conf = _rand(gens, (logits.shape[1],), logits.device, active=active_rows(region) if active is None else active)
+    elif temperature == 0:
+        x0, conf = _region_max(logits, region, with_confidence=True)
     else:
         conf = softmax_at(logits, x0, region)
     conf = torch.where(region, conf, torch.full_like(conf, float("-inf")))
     return x0, conf
 
 
-def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """float64 softmax probability of `tokens` [B, L] at the `region` positions (0 elsewhere), as LLaDA
-    computes it: float32 cannot separate confidences that differ by ~1e-7, and in bf16 models such
-    near-ties decide which token is committed. Only region rows are upcast, in chunks."""
-    conf = torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)
+def _chunk_rows(v: int, elements: int = 1 << 18) -> int:
+    """Rows of a [rows, V] float64 temporary that stay within ~2 MB (cache-sized chunks)."""
+    return max(1, elements // max(1, v))
+
+
+def _sum_exp64(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_j exp(z_j - m) in float64 for z [N, V], m [N, 1] (one float64 temporary, worked on in place)."""
+    d = z.to(torch.float64, copy=True)
+    return d.sub_(m.double()).exp_().sum(-1)
+
+
+def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False):
+    """(argmax token [B, L] long, float64 softmax probability of it [B, L] or None) at the `region`
+    positions (0 elsewhere). The argmax and the max come from one float32 pass (exact: upcasting does not
+    change the order); the probability 1 / sum_j exp(z_j - max) is summed in float64, as LLaDA's
+    float64 softmax computes it, in cache-sized chunks."""
+    b, n, v = logits.shape
+    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
+    conf = torch.zeros((b, n), dtype=torch.float64, device=logits.device) if with_confidence else None
     rows, cols = region.nonzero(as_tuple=True)
+    chunk = _chunk_rows(v)
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start : start + chunk], cols[start : start + chunk]
-        z = logits[r, c].double()
-        conf[r, c] = (z.gather(-1, tokens[r, c][:, None]).squeeze(-1) - torch.logsumexp(z, -1)).exp()
+        z = logits[r, c]
+        m, a = z.max(-1, keepdim=True)
+        x0[r, c] = a.squeeze(1)
+        if with_confidence:
+            conf[r, c] = _sum_exp64(z, m).reciprocal_()
+    return x0, conf
+
+
+def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """float64 softmax probability of `tokens` [B, L] at the `region` positions (0 elsewhere), as LLaDA
+    computes it: float32 cannot separate confidences that differ by ~1e-7, and in bf16 models such
+    near-ties decide which token is committed. Only region rows are upcast, in cache-sized chunks."""
+    conf = torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)
+    rows, cols = region.nonzero(as_tuple=True)
+    chunk = chunk or _chunk_rows(logits.shape[-1])
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        z = logits[r, c]
+        m = z.amax(-1, keepdim=True)
+        zt = z.gather(-1, tokens[r, c][:, None]).squeeze(-1)
+        conf[r, c] = (zt.double() - m.squeeze(-1).double()).exp_() / _sum_exp64(z, m)
     return conf
 
 
