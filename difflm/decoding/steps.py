@@ -226,24 +226,93 @@ def _sum_exp64(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return d.sub_(m.double()).exp_().sum(-1)
 
 
-def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False):
-    """(argmax token [B, L] long, float64 softmax probability of it [B, L] or None) at the `region`
-    positions (0 elsewhere). The argmax and the max come from one float32 pass (exact: upcasting does not
-    change the order); the probability 1 / sum_j exp(z_j - max) is summed in float64, as LLaDA's
-    float64 softmax computes it, in cache-sized chunks."""
+def softmax32_rtol(v: int) -> float:
+    """A bound on the relative error of a float32 softmax probability over `v` logits: v float32 rounding
+    errors of a sequential sum (the worst order; a vectorised sum is far better), the subtraction of the
+    max and a few ulp of exp. Measured errors are ~1e-7; the bound is for certifying decisions."""
+    return (v + 64) * 2.0**-24 + 16 * 2.0**-23
+
+
+def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False, exact: bool = True):
+    """(argmax token [B, L] long, softmax probability of it [B, L] float64 or None) at the `region`
+    positions (0 elsewhere), in cache-sized chunks through work buffers allocated once (a fresh large
+    allocation per chunk costs page faults). exact: the probability from a float64 softmax, as LLaDA
+    computes it; else from a float32 softmax, within a relative `softmax32_rtol(V)` of it."""
     b, n, v = logits.shape
     x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
     conf = torch.zeros((b, n), dtype=torch.float64, device=logits.device) if with_confidence else None
-    rows, cols = region.nonzero(as_tuple=True)
-    chunk = _chunk_rows(v)
-    for start in range(0, rows.numel(), chunk):
-        r, c = rows[start : start + chunk], cols[start : start + chunk]
-        z = logits[r, c]
-        m, a = z.max(-1, keepdim=True)
-        x0[r, c] = a.squeeze(1)
+    flat = region.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return x0, conf
+    table = logits.reshape(b * n, v)
+    chunk = min(_chunk_rows(v, 1 << 20 if not exact else 1 << 18), flat.numel())
+    z_buf = torch.empty((chunk, v), dtype=logits.dtype, device=logits.device)
+    d_buf = torch.empty((chunk, v), dtype=torch.float64, device=logits.device) if with_confidence and exact else None
+    x0_flat, conf_flat = x0.view(-1), None if conf is None else conf.view(-1)
+    for start in range(0, flat.numel(), chunk):
+        idx = flat[start : start + chunk]
+        k = idx.numel()
+        z = torch.index_select(table, 0, idx, out=z_buf[:k])
+        a = z.argmax(-1, keepdim=True)
+        x0_flat[idx] = a.squeeze(1)
         if with_confidence:
-            conf[r, c] = _sum_exp64(z, m).reciprocal_()
+            if exact:
+                z = d_buf[:k].copy_(z)
+            conf_flat[idx] = torch.softmax(z, -1).gather(-1, a).squeeze(1).double()
     return x0, conf
+
+
+def greedy_commit(
+    logits: torch.Tensor, region: torch.Tensor, *, counts: torch.Tensor | None = None, tau: float | None = None,
+    scale: torch.Tensor | None = None, exact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy low-confidence commit (temperature 0): (x0 [B, L], bool [B, L] positions to commit).
+
+    x0 = argmax; confidence = float64 softmax probability of x0 (times `scale`, llada_conv's window),
+    -inf outside `region`; commit the counts[b] most confident of a row (`commit_top`) or, with `tau`,
+    `commit_threshold`. The decision is the float64 one: confidences are first computed by a float32
+    softmax (about half the cost), and only the positions whose float32 value lies within the error bound
+    (`softmax32_rtol`) of the decision boundary are recomputed in float64 before deciding again. A
+    position certified by the bound is on the same side of the boundary in float64, so the commit equals
+    the all-float64 one (ties included: those are always recomputed). exact=True: float64 throughout."""
+    def pick(c):
+        return commit_top(c, counts) if tau is None else commit_threshold(c, tau)
+
+    def finish(c):
+        c = c if scale is None else c * scale
+        return torch.where(region, c, torch.full_like(c, float("-inf")))
+
+    x0, conf = _region_max(logits, region, with_confidence=True, exact=exact)
+    conf = finish(conf)
+    sel = pick(conf)
+    if exact:
+        return x0, sel
+    redo = uncertain_positions(conf, sel, softmax32_rtol(logits.shape[-1]), tau)
+    if bool(redo.any()):
+        conf = torch.where(redo, finish(_region_max(logits, redo, with_confidence=True, exact=True)[1]), conf)
+        sel = pick(conf)
+    return x0, sel
+
+
+def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
+    """bool [B, L]: positions whose confidence, known to a relative `rtol`, could lie on the other side of
+    the decision: for a top-k commit `sel`, selected positions whose lower bound does not exceed the
+    largest upper bound of an unselected one, and unselected ones whose upper bound reaches the smallest
+    selected lower bound; with `tau`, also those whose interval contains tau, and the top-1 boundary (the
+    commit of a row where nothing reaches tau). Recomputing exactly these in float64 and deciding again
+    gives the float64 decision (the others' order against every other position is certain)."""
+    finite = torch.isfinite(conf)
+    lo, hi = conf * (1 - rtol), conf * (1 + rtol)
+
+    def boundary(chosen):
+        weakest = torch.where(chosen, lo, torch.full_like(lo, float("inf"))).amin(1, keepdim=True)
+        strongest = torch.where(finite & ~chosen, hi, torch.full_like(hi, float("-inf"))).amax(1, keepdim=True)
+        return finite & ((chosen & (lo <= strongest)) | (~chosen & (hi >= weakest)))
+
+    if tau is None:
+        return boundary(sel)
+    best = commit_top(conf, finite.any(1).long())
+    return boundary(best) | (finite & (lo < tau) & (hi >= tau))
 
 
 def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
