@@ -235,13 +235,39 @@ def softmax32_rtol(v: int) -> float:
 
 def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False, exact: bool = True):
     """(argmax token [B, L] long, softmax probability of it [B, L] float64 or None) at the `region`
-    positions (0 elsewhere), in cache-sized chunks through work buffers allocated once (a fresh large
-    allocation per chunk costs page faults). exact: the probability from a float64 softmax, as LLaDA
+    positions (0 elsewhere), in cache-sized chunks: a row whose region is a dense span (a block's masks)
+    is read in place, the others' positions are gathered through work buffers allocated once (a fresh
+    large allocation per chunk costs page faults). exact: the probability from a float64 softmax, as LLaDA
     computes it; else from a float32 softmax, within a relative `softmax32_rtol(V)` of it."""
     b, n, v = logits.shape
     x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
     conf = torch.zeros((b, n), dtype=torch.float64, device=logits.device) if with_confidence else None
-    flat = region.reshape(-1).nonzero().squeeze(1)
+    if region.shape[0] == 0:
+        return x0, conf
+    # rows whose region is a dense span (a block's masks) are read in place, without a gathered copy;
+    # one host sync for the spans of all rows
+    count, first = region.sum(1), region.int().argmax(1)
+    last = n - 1 - region.flip(1).int().argmax(1)
+    spans = torch.stack([count, first, last], 1).tolist()
+    step = _chunk_rows(v, 1 << 20 if not exact else 1 << 18)
+    scattered = torch.zeros_like(region)
+    for r, (cnt, lo, hi) in enumerate(spans):
+        if cnt == 0:
+            continue
+        if hi + 1 - lo > 2 * cnt:
+            scattered[r] = region[r]
+            continue
+        for s0 in range(lo, hi + 1, step):
+            z = logits[r, s0 : min(hi + 1, s0 + step)]
+            a = z.argmax(-1, keepdim=True)
+            x0[r, s0 : s0 + z.shape[0]] = a.squeeze(1)
+            if with_confidence:
+                zz = z if not exact else z.to(torch.float64)
+                conf[r, s0 : s0 + z.shape[0]] = torch.softmax(zz, -1).gather(-1, a).squeeze(1).double()
+    x0 = torch.where(region, x0, torch.zeros_like(x0))  # a span's positions outside the region read 0
+    if with_confidence:
+        conf = torch.where(region, conf, torch.zeros_like(conf))
+    flat = scattered.reshape(-1).nonzero().squeeze(1)
     if flat.numel() == 0:
         return x0, conf
     table = logits.reshape(b * n, v)
