@@ -337,8 +337,7 @@ def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau:
 
     if tau is None:
         return boundary(sel)
-    best = commit_top(conf, finite.any(1).long())
-    return boundary(best) | (finite & (lo < tau) & (hi >= tau))
+    return boundary(_best(conf)) | (finite & (lo < tau) & (hi >= tau))
 
 
 def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -373,10 +372,14 @@ def commit_top(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def commit_threshold(conf: torch.Tensor, tau: float) -> torch.Tensor:
     """bool [B, L]: every position with confidence >= tau, and at least the best one of a row that has any."""
-    sel = conf >= tau
-    has = torch.isfinite(conf).any(1)
-    best = commit_top(conf, has.long())
-    return sel | best
+    return (conf >= tau) | _best(conf)
+
+
+def _best(conf: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the most confident position of each row that has a finite one (ties: lowest index,
+    as `commit_top` with a count of 1; argmax returns the first maximum), without a sort or a host sync."""
+    has = torch.isfinite(conf).any(1, keepdim=True)
+    return torch.zeros_like(conf, dtype=torch.bool).scatter_(1, conf.argmax(1, keepdim=True), has)
 
 
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
