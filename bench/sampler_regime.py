@@ -9,7 +9,8 @@ timed in the same run with interleaved repetitions.
 The stand-in model (`StandIn`) looks its logits up in a random table by a hash of each position's two
 neighbours (float32), so a forward pass costs little next to the sampler; it computes the generated positions' logits
 only, for difflm and the plain loops alike (`logits_to_keep`). Per (method, batch): the median seconds per
-generate call of each side over `--repeats` interleaved repetitions (after one warm-up call each), the
+generate call of each side over `--repeats` interleaved repetitions (after one warm-up call each; the
+mass methods: `--mass-repeats`, 1, and no warm-up of their plain loop, which takes seconds a call), the
 median forward seconds inside them, and the speed-up reference / difflm. For the greedy methods
 (llada, threshold, llada_conv at temperature 0) both sides must commit the same tokens: the check is
 printed and a mismatch makes the exit status 1. Writes bench/results/<name>.json atomically.
@@ -151,6 +152,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timed repetitions per side (median)")
+    ap.add_argument("--mass-repeats", type=int, default=1,
+                    help="timed calls per side for the mass methods (their plain loops take seconds; no warm-up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="sampler-regime-cpu")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
@@ -190,8 +193,14 @@ def main(argv=None) -> int:
             sides = {"difflm": run_difflm, "plain": run_reference}
             meas = {k: [] for k in sides}
             xs = {}
-            for rep in range(args.repeats + 1):  # the first call of each side is a warm-up
+            # the mass methods' plain loops take seconds per call and are an order of magnitude slower:
+            # --mass-repeats (1) timed calls each, and no warm-up call of the plain side
+            mass = m not in GREEDY
+            repeats = min(args.repeats, args.mass_repeats) if mass else args.repeats
+            for rep in range(repeats + 1):  # the first call of each side is a warm-up
                 for k, fn in (sides.items() if rep % 2 == 0 else reversed(sides.items())):
+                    if rep == 0 and mass and k == "plain":
+                        continue
                     x, wall, fwd, nfe = timed(model, fn, prompt, s, ids, args.seed)
                     xs[k] = (x, nfe)
                     if rep:
