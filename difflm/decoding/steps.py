@@ -233,18 +233,31 @@ def softmax32_rtol(v: int) -> float:
     return (v + 64) * 2.0**-24 + 16 * 2.0**-23
 
 
-def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False, exact: bool = True):
-    """(argmax token [B, L] long, softmax probability of it [B, L] float64 or None) at the `region`
-    positions (0 elsewhere), in cache-sized chunks: a row whose region is a dense span (a block's masks)
-    is read in place, the others' positions are gathered through work buffers allocated once (a fresh
-    large allocation per chunk costs page faults). exact: the probability from a float64 softmax, as LLaDA
-    computes it; else from a float32 softmax, within a relative `softmax32_rtol(V)` of it."""
+def _region_max(
+    logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False, exact: bool = True,
+    tokens: bool = True,
+):
+    """(argmax token [B, L] long or None, softmax probability of it [B, L] float64 or None) at the
+    `region` positions (0 elsewhere), in cache-sized chunks: a row whose region is a dense span (a block's
+    masks) is read in place, the others' positions are gathered through work buffers allocated once (a
+    fresh large allocation per chunk costs page faults). exact: the probability from a float64 softmax, as
+    LLaDA computes it; else from a float32 softmax, within a relative `softmax32_rtol(V)` of it. The
+    probability of the argmax is the largest probability of the row (exp(0) times 1 / sum), so it is read
+    with a max, without the argmax; tokens=False skips the argmax (an index-tracking reduction, the
+    slowest pass) for callers that need the tokens of a few positions only (`argmax_at`)."""
     b, n, v = logits.shape
-    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
+    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device) if tokens else None
     conf = torch.zeros((b, n), dtype=torch.float64, device=logits.device) if with_confidence else None
     if region.shape[0] == 0:
         return x0, conf
-    # rows whose region is a dense span (a block's masks) are read in place, without a gathered copy;
+
+    def work(z, put):
+        if tokens:
+            put(x0, z.argmax(-1))
+        if with_confidence:
+            zz = z.to(torch.float64) if exact else z
+            put(conf, torch.softmax(zz, -1).amax(-1).double())
+
     # one host sync for the spans of all rows
     count, first = region.sum(1), region.int().argmax(1)
     last = n - 1 - region.flip(1).int().argmax(1)
@@ -258,34 +271,39 @@ def _region_max(logits: torch.Tensor, region: torch.Tensor, with_confidence: boo
             scattered[r] = region[r]
             continue
         for s0 in range(lo, hi + 1, step):
-            z = logits[r, s0 : min(hi + 1, s0 + step)]
-            a = z.argmax(-1, keepdim=True)
-            x0[r, s0 : s0 + z.shape[0]] = a.squeeze(1)
-            if with_confidence:
-                zz = z if not exact else z.to(torch.float64)
-                conf[r, s0 : s0 + z.shape[0]] = torch.softmax(zz, -1).gather(-1, a).squeeze(1).double()
-    x0 = torch.where(region, x0, torch.zeros_like(x0))  # a span's positions outside the region read 0
+            s1 = min(hi + 1, s0 + step)
+
+            def put(dst, val, r=r, s0=s0, s1=s1):
+                dst[r, s0:s1] = val
+
+            work(logits[r, s0:s1], put)
+    if tokens:  # a span's positions outside the region read 0
+        x0 = torch.where(region, x0, torch.zeros_like(x0))
     if with_confidence:
         conf = torch.where(region, conf, torch.zeros_like(conf))
     flat = scattered.reshape(-1).nonzero().squeeze(1)
     if flat.numel() == 0:
         return x0, conf
     table = logits.reshape(b * n, v)
-    chunk = min(_chunk_rows(v, 1 << 20 if not exact else 1 << 18), flat.numel())
+    chunk = min(step, flat.numel())
     z_buf = torch.empty((chunk, v), dtype=logits.dtype, device=logits.device)
-    d_buf = torch.empty((chunk, v), dtype=torch.float64, device=logits.device) if with_confidence and exact else None
-    x0_flat, conf_flat = x0.view(-1), None if conf is None else conf.view(-1)
     for start in range(0, flat.numel(), chunk):
         idx = flat[start : start + chunk]
-        k = idx.numel()
-        z = torch.index_select(table, 0, idx, out=z_buf[:k])
-        a = z.argmax(-1, keepdim=True)
-        x0_flat[idx] = a.squeeze(1)
-        if with_confidence:
-            if exact:
-                z = d_buf[:k].copy_(z)
-            conf_flat[idx] = torch.softmax(z, -1).gather(-1, a).squeeze(1).double()
+
+        def put(dst, val, idx=idx):
+            dst.view(-1)[idx] = val
+
+        work(torch.index_select(table, 0, idx, out=z_buf[: idx.numel()]), put)
     return x0, conf
+
+
+def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """argmax tokens [B, L] long at the `where` positions (0 elsewhere)."""
+    x0 = torch.zeros(where.shape, dtype=torch.long, device=logits.device)
+    rows, cols = where.nonzero(as_tuple=True)
+    if rows.numel():
+        x0[rows, cols] = logits[rows, cols].argmax(-1)
+    return x0
 
 
 def greedy_commit(
@@ -294,7 +312,7 @@ def greedy_commit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy low-confidence commit (temperature 0): (x0 [B, L], bool [B, L] positions to commit).
 
-    x0 = argmax; confidence = float64 softmax probability of x0 (times `scale`, llada_conv's window),
+    x0 = argmax, at the committed positions only (0 elsewhere); confidence = float64 softmax probability of x0 (times `scale`, llada_conv's window),
     -inf outside `region`; commit the counts[b] most confident of a row (`commit_top`) or, with `tau`,
     `commit_threshold`. The decision is the float64 one: confidences are first computed by a float32
     softmax (about half the cost), and only the positions whose float32 value lies within the error bound
@@ -308,16 +326,15 @@ def greedy_commit(
         c = c if scale is None else c * scale
         return torch.where(region, c, torch.full_like(c, float("-inf")))
 
-    x0, conf = _region_max(logits, region, with_confidence=True, exact=exact)
-    conf = finish(conf)
+    conf = finish(_region_max(logits, region, with_confidence=True, exact=exact, tokens=False)[1])
     sel = pick(conf)
-    if exact:
-        return x0, sel
-    redo = uncertain_positions(conf, sel, softmax32_rtol(logits.shape[-1]), tau)
-    if bool(redo.any()):
-        conf = torch.where(redo, finish(_region_max(logits, redo, with_confidence=True, exact=True)[1]), conf)
-        sel = pick(conf)
-    return x0, sel
+    if not exact:
+        redo = uncertain_positions(conf, sel, softmax32_rtol(logits.shape[-1]), tau)
+        if bool(redo.any()):
+            exact_conf = _region_max(logits, redo, with_confidence=True, exact=True, tokens=False)[1]
+            conf = torch.where(redo, finish(exact_conf), conf)
+            sel = pick(conf)
+    return argmax_at(logits, sel), sel
 
 
 def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
