@@ -300,9 +300,9 @@ def _region_max(
 def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """argmax tokens [B, L] long at the `where` positions (0 elsewhere)."""
     x0 = torch.zeros(where.shape, dtype=torch.long, device=logits.device)
-    rows, cols = where.nonzero(as_tuple=True)
-    if rows.numel():
-        x0[rows, cols] = logits[rows, cols].argmax(-1)
+    flat = where.reshape(-1).nonzero().squeeze(1)
+    if flat.numel():
+        x0.view(-1)[flat] = torch.index_select(logits.reshape(-1, logits.shape[-1]), 0, flat).argmax(-1)
     return x0
 
 
