@@ -177,11 +177,13 @@ def main(argv=None) -> int:
     out_path = Path(args.out_dir) / f"{args.name}.json"
     print(f"sampler regime: stand-in model (table lookup) V {V}, prompt {args.prompt_length}, gen_length "
           f"{args.gen_length}, {args.steps} steps, block {args.block_length}, K {args.kernel_size}, top-k "
-          f"{args.top_k}; {torch.get_num_threads()} torch threads; medians of {args.repeats} interleaved calls; {malloc}")
+          f"{args.top_k}; {torch.get_num_threads()} torch threads; medians of {args.repeats} interleaved calls; "
+          f"{malloc}")
     print("plain loops (bench/reference.py):")
     for m in args.methods:
         print(f"  {m:<12} {REFERENCE_DOES[m]}")
-    head = f"{'method':<12} {'batch':>5} {'difflm s':>9} {'plain s':>9} {'speed-up':>8} {'fwd share':>9} {'NFE':>7}  greedy tokens"
+    head = (f"{'method':<12} {'batch':>5} {'difflm s':>9} {'plain s':>9} {'speed-up':>8} {'fwd share':>9} "
+            f"{'NFE':>7}  greedy tokens")
     print(head)
     failed = 0
     gp = torch.Generator().manual_seed(args.seed)

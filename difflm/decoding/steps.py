@@ -312,13 +312,14 @@ def greedy_commit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy low-confidence commit (temperature 0): (x0 [B, L], bool [B, L] positions to commit).
 
-    x0 = argmax, at the committed positions only (0 elsewhere); confidence = float64 softmax probability of x0 (times `scale`, llada_conv's window),
-    -inf outside `region`; commit the counts[b] most confident of a row (`commit_top`) or, with `tau`,
-    `commit_threshold`. The decision is the float64 one: confidences are first computed by a float32
-    softmax (about half the cost), and only the positions whose float32 value lies within the error bound
-    (`softmax32_rtol`) of the decision boundary are recomputed in float64 before deciding again. A
-    position certified by the bound is on the same side of the boundary in float64, so the commit equals
-    the all-float64 one (ties included: those are always recomputed). exact=True: float64 throughout."""
+    x0 = argmax, at the committed positions only (0 elsewhere); confidence = float64 softmax probability
+    of x0 (times `scale`, llada_conv's window), -inf outside `region`; commit the counts[b] most
+    confident of a row (`commit_top`) or, with `tau`, `commit_threshold`. The decision is the float64 one:
+    confidences are first computed by a float32 softmax (about half the cost), and only the positions
+    whose float32 value lies within the error bound (`softmax32_rtol`) of the decision boundary are
+    recomputed in float64 before deciding again. A position certified by the bound is on the same side of
+    the boundary in float64, so the commit equals the all-float64 one (ties included: those are always
+    recomputed). exact=True: float64 throughout."""
     def pick(c):
         return commit_top(c, counts) if tau is None else commit_threshold(c, tau)
 
@@ -357,7 +358,9 @@ def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau:
     return boundary(_best(conf)) | (finite & (lo < tau) & (hi >= tau))
 
 
-def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def softmax_at(
+    logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """float64 softmax probability of `tokens` [B, L] at the `region` positions (0 elsewhere), as LLaDA
     computes it: float32 cannot separate confidences that differ by ~1e-7, and in bf16 models such
     near-ties decide which token is committed. Only region rows are upcast, in cache-sized chunks."""
