@@ -576,10 +576,13 @@ def _near_tie_logits(b=3, n=16, v=512, seed=0):
     return logits
 
 
-def test_greedy_commit_float32_path_makes_the_float64_decision():
+@pytest.mark.parametrize("path", ["float32-first", "small-float64"])
+def test_greedy_commit_float32_path_makes_the_float64_decision(monkeypatch, path):
     """The float32-first commit equals the float64 one where float32 cannot see the difference (near-ties
     ~1e-10 apart): top-k, threshold (tau between two float64 confidences) and a conv scale. A float32-only
-    decision picks other positions here (checked), so a missing float64 recomputation fails this test."""
+    decision picks other positions here (checked), so a missing float64 recomputation fails this test.
+    The small-work path (float64 softmax directly) must make the same decision."""
+    monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", 0 if path == "float32-first" else 1 << 30)
     logits = _near_tie_logits()
     b, n, _ = logits.shape
     region = torch.ones(b, n, dtype=torch.bool)
@@ -591,10 +594,12 @@ def test_greedy_commit_float32_path_makes_the_float64_decision():
     scale[2, :4] = 0.0  # llada_conv: no known token in the window
     for kw in (dict(counts=counts), dict(counts=counts, scale=scale), dict(tau=float(exact_conf[0, 8])),
                dict(tau=2.0)):  # tau above 1: only the most confident of each row
-        x0_e, sel_e = S.greedy_commit(logits, region, exact=True, **kw)
+        with monkeypatch.context() as mp:
+            mp.setattr(S, "GREEDY_EXACT_BELOW", 0)
+            x0_e, sel_e = S.greedy_commit(logits, region, exact=True, **kw)
         x0_f, sel_f = S.greedy_commit(logits, region, **kw)
         assert torch.equal(sel_f, sel_e), kw
-        assert torch.equal(x0_f, x0_e) and (x0_e[sel_e] == 0).all() and sel_e.any()
+        assert torch.equal(x0_f[sel_e], x0_e[sel_e]) and (x0_e[sel_e] == 0).all() and sel_e.any()
     # the float64 decision is the reversed position order; float32 alone cannot make it
     _, sel = S.greedy_commit(logits, region, counts=counts, exact=True)
     assert sel[0, -3:].all() and sel[0].sum() == 3 and sel[1, 8:10].all()
@@ -603,9 +608,12 @@ def test_greedy_commit_float32_path_makes_the_float64_decision():
     assert not torch.equal(naive, sel)
 
 
-def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model():
+@pytest.mark.parametrize("exact_below", [0, 1 << 30])
+def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypatch, exact_below):
     """generate's llada / threshold / llada_conv (greedy) commit what the float64 confidences decide:
-    rows that are one base row with ulp-sized bumps, through the whole loop."""
+    rows that are one base row with ulp-sized bumps, through the whole loop (float32-first path and the
+    small-work float64 path)."""
+    monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
     table = _near_tie_logits(b=1, n=18, v=64, seed=2)[0]
     table[:, MASK] = float("-inf")
 

@@ -306,6 +306,11 @@ def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return x0
 
 
+#: greedy_commit decides in float64 directly below this many logits read per step (the float32-first path
+#: saves memory traffic but costs more kernel launches: at a 2k vocabulary and batch 1 those dominate)
+GREEDY_EXACT_BELOW = 1 << 17
+
+
 def greedy_commit(
     logits: torch.Tensor, region: torch.Tensor, *, counts: torch.Tensor | None = None, tau: float | None = None,
     scale: torch.Tensor | None = None, exact: bool = False,
@@ -319,9 +324,20 @@ def greedy_commit(
     whose float32 value lies within the error bound (`softmax32_rtol`) of the decision boundary are
     recomputed in float64 before deciding again. A position certified by the bound is on the same side of
     the boundary in float64, so the commit equals the all-float64 one (ties included: those are always
-    recomputed). exact=True: float64 throughout."""
+    recomputed). exact=True: float64 throughout. Below `GREEDY_EXACT_BELOW` logits (region positions x V)
+    the float64 softmax is taken directly, x0 then given at every region position."""
     def pick(c):
         return commit_top(c, counts) if tau is None else commit_threshold(c, tau)
+
+    v = logits.shape[-1]
+    flat = region.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() * v < GREEDY_EXACT_BELOW:  # little work: float64 in a few kernels, like a plain loop
+        c, a = torch.softmax(torch.index_select(logits.reshape(-1, v), 0, flat).double(), -1).max(-1)
+        conf = torch.full(region.shape, float("-inf"), dtype=torch.float64, device=logits.device)
+        conf.view(-1)[flat] = c if scale is None else c * scale.reshape(-1)[flat]
+        x0 = torch.zeros(region.shape, dtype=torch.long, device=logits.device)
+        x0.view(-1)[flat] = a  # the max of float64 probabilities of float32 logits is their argmax
+        return x0, pick(conf)
 
     def finish(c):
         c = c if scale is None else c * scale
