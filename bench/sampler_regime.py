@@ -151,7 +151,7 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-size", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed repetitions per side (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed repetitions per side (median)")
     ap.add_argument("--mass-repeats", type=int, default=1,
                     help="timed calls per side for the mass methods (their plain loops take seconds; no warm-up)")
     ap.add_argument("--seed", type=int, default=0)
