@@ -48,6 +48,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench.py --preset tiny --name tiny-cpu
 	$(PY) bench/bench.py --preset synthetic-32k --gen-length 256 --name synthetic-32k-cpu
+	$(PY) bench/sampler_regime.py --name sampler-regime-cpu
 
 # The paper's claims at small scale on the embedded models (CPU, 4-16 min on 2 cores): runs/paper-small/RESULTS.md
 paper-small: $(STAMP)

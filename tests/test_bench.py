@@ -242,3 +242,52 @@ def test_bench_llada_8b_code_path_scaled_down(tmp_path, capsys):
     rec = json.loads((tmp_path / "b.json").read_text())
     assert all("skipped" in d for c in rec["runs"] for d in c["decoders"].values())
     assert bench.main(["--preset", "llada-8b", "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("method,steps,extra", [
+    ("llada", 16, dict(block_length=32)), ("threshold", 64, dict(block_length=32, threshold=0.9)),
+    ("llada_conv", 16, dict(kernel_size=17)),
+])
+def test_plain_confidence_loops_equal_difflm_greedy(tiny, method, steps, extra):
+    """The sampler regime's plain per-row float64 loops commit what difflm's greedy decoders commit
+    (float32 tiny Llama, batch 2, left padding on row 0)."""
+    model, ids, p = tiny
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, p.vocab - 2, (2, 16), generator=g)
+    am = torch.ones_like(prompt)
+    am[0, :4] = 0
+    prompt[0, :4] = ids["eos_id"]
+    x_ref, nfe_ref = ref.plain_confidence_generate(
+        model, prompt, method=method, steps=steps, gen_length=64, mask_id=ids["mask_id"], attention_mask=am,
+        **{k: v for k, v in extra.items()},
+    )
+    cfg = DecodeConfig(method=method, gen_length=64, steps=steps, temperature=0.0, **extra)
+    out = generate(model, prompt, cfg, mask_id=ids["mask_id"], eos_id=ids["eos_id"], attention_mask=am)
+    assert nfe_ref == out.nfe
+    assert not (x_ref == ids["mask_id"]).any()
+    assert torch.equal(out.sequences, x_ref)
+
+
+@pytest.mark.parametrize("method", ["categorical", "topk", "conv", "semi_ar", "remdm"])
+def test_plain_mass_loops_decode_everything(tiny, method):
+    """The plain mass loops run every method to the end: no MASK left, no MASK token drawn as a word."""
+    model, ids, p = tiny
+    prompt = torch.randint(0, p.vocab - 2, (2, 8), generator=torch.Generator().manual_seed(3))
+    x, nfe = ref.plain_mass_generate(
+        model, prompt, method=method, steps=8, gen_length=32, mask_id=ids["mask_id"], top_k=2, block_length=16,
+        kernel_size=9, generator=torch.Generator().manual_seed(0),
+    )
+    assert 1 <= nfe <= 8 and x.shape == (2, 40) and not (x == ids["mask_id"]).any()
+    assert torch.equal(x[:, :8], prompt)
+
+
+def test_sampler_regime_runs_and_checks_greedy_tokens(tmp_path, capsys):
+    mod = _load("difflm_bench_sampler", BENCH_DIR / "sampler_regime.py")
+    argv = ["--vocab", "512", "--batch", "1", "2", "--gen-length", "32", "--steps", "8", "--repeats", "1",
+            "--name", "s", "--out-dir", str(tmp_path)]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("IDENTICAL") == 6 and "MISMATCH" not in out
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert {(r["method"], r["batch"]) for r in rec["rows"]} == {(m, b) for m in mod.METHODS for b in (1, 2)}
+    assert all(r["difflm_s"] > 0 and r["plain_s"] > 0 and r["difflm_nfe"] >= 1 for r in rec["rows"])

@@ -814,3 +814,80 @@ def test_cfg_runs_two_passes_per_step_and_changes_the_tokens(method):
             assert out.steps_run == 4
         outs[w] = out.sequences[0, 1:].tolist()
     assert outs[0.0] == [1] * 4 and outs[1.0] == [0] * 4, outs
+
+
+def _near_tie_logits(b=3, n=16, v=512, seed=0):
+    """[b, n, v] float32 logits whose positions' float64 confidences differ by ~1e-10 relative (far below
+    float32 resolution): each position is one base row with one small logit bumped up by (n - j) ulps, so
+    the float64 order is the position order reversed (position n - 1 the most confident)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(b, 1, v, generator=g) * 2
+    base[..., 0] = base.amax(-1) + 3  # one clear argmax, token 0
+    logits = base.repeat(1, n, 1)
+    k = 7  # not a special id of this module (MASK, EOS)
+    for j in range(n):
+        val = logits[:, j, k].clone()
+        for _ in range(n - j):
+            val = torch.nextafter(val, torch.full_like(val, float("inf")))
+        logits[:, j, k] = val
+    return logits
+
+
+@pytest.mark.parametrize("path", ["float32-first", "small-float64"])
+def test_greedy_commit_float32_path_makes_the_float64_decision(monkeypatch, path):
+    """The float32-first commit equals the float64 one where float32 cannot see the difference (near-ties
+    ~1e-10 apart): top-k, threshold (tau between two float64 confidences) and a conv scale. A float32-only
+    decision picks other positions here (checked), so a missing float64 recomputation fails this test.
+    The small-work path (float64 softmax directly) must make the same decision."""
+    monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", 0 if path == "float32-first" else 1 << 30)
+    logits = _near_tie_logits()
+    b, n, _ = logits.shape
+    region = torch.ones(b, n, dtype=torch.bool)
+    region[1, 10:] = False  # a row with a smaller region
+    exact_conf = S._region_max(logits, region, with_confidence=True, exact=True)[1]
+    assert (exact_conf[region] > 0).all()
+    counts = torch.tensor([3, 2, 5])
+    scale = torch.ones(b, n, dtype=torch.float64)
+    scale[2, :4] = 0.0  # llada_conv: no known token in the window
+    for kw in (dict(counts=counts), dict(counts=counts, scale=scale), dict(tau=float(exact_conf[0, 8])),
+               dict(tau=2.0)):  # tau above 1: only the most confident of each row
+        with monkeypatch.context() as mp:
+            mp.setattr(S, "GREEDY_EXACT_BELOW", 0)
+            x0_e, sel_e = S.greedy_commit(logits, region, exact=True, **kw)
+        x0_f, sel_f = S.greedy_commit(logits, region, **kw)
+        assert torch.equal(sel_f, sel_e), kw
+        assert torch.equal(x0_f[sel_e], x0_e[sel_e]) and (x0_e[sel_e] == 0).all() and sel_e.any()
+    # the float64 decision is the reversed position order; float32 alone cannot make it
+    _, sel = S.greedy_commit(logits, region, counts=counts, exact=True)
+    assert sel[0, -3:].all() and sel[0].sum() == 3 and sel[1, 8:10].all()
+    approx = S._region_max(logits, region, with_confidence=True, exact=False)[1]
+    naive = S.commit_top(torch.where(region, approx, torch.full_like(approx, float("-inf"))), counts)
+    assert not torch.equal(naive, sel)
+
+
+@pytest.mark.parametrize("exact_below", [0, 1 << 30])
+def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypatch, exact_below):
+    """generate's llada / threshold / llada_conv (greedy) commit what the float64 confidences decide:
+    rows that are one base row with ulp-sized bumps, through the whole loop (float32-first path and the
+    small-work float64 path)."""
+    monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    table = _near_tie_logits(b=1, n=18, v=64, seed=2)[0]
+    table[:, MASK] = float("-inf")
+    assert table.double().softmax(-1).max() < 0.99  # no position is certain: threshold 1.0 commits one per step
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            return table[None, : x.shape[1]].expand(x.shape[0], -1, -1).clone()
+
+    prompt = torch.tensor([[1, 2]])
+    for cfg in (DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8),
+                DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=1.0),
+                DecodeConfig(method="llada_conv", gen_length=16, steps=4, kernel_size=5)):
+        order = []
+        generate(Fixed(), prompt, cfg, mask_id=MASK, eos_id=EOS,
+                 callback=lambda ev: order.append((ev["x"][0, 2:] != MASK).nonzero().squeeze(1).tolist()))
+        first = order[0]
+        if cfg.method == "llada":  # 2 per step, the float64 order inside the block: its last positions
+            assert first == [6, 7], first
+        elif cfg.method == "threshold":  # nothing reaches 1.0: one per step, the most confident of block 1
+            assert first == [7], first

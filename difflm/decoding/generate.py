@@ -330,13 +330,15 @@ class _Decoder:
             if not self.select_rows(region):
                 break
             logits = self.forward()
-            x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
-            if cfg.method in CONV_METHODS:
-                conf = torch.where(region, conf * self.conv_scales(), conf)
-            if tau is None:
-                sel = S.commit_top(conf, torch.minimum(schedule[:, i], region.sum(1)))
+            counts = torch.minimum(schedule[:, i], region.sum(1)) if tau is None else None
+            scale = self.conv_scales() if cfg.method in CONV_METHODS else None
+            if self.temperature == 0 and cfg.remasking == "low_confidence":  # float32 first, float64 where it decides
+                x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale)
             else:
-                sel = S.commit_threshold(conf, tau)
+                x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
+                if scale is not None:
+                    conf = torch.where(region, conf * scale, conf)
+                sel = S.commit_top(conf, counts) if tau is None else S.commit_threshold(conf, tau)
             self.set_gen(torch.where(sel, x0, self.gen))
             self.notify()
 

@@ -191,33 +191,204 @@ def propose(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate tokens x0 [B, L] and confidences [B, L] (float64; -inf outside `region`).
 
-    x0 = argmax(logits / T + Gumbel) (T = 0: argmax), drawn only inside `region`; confidence is the
-    softmax probability of x0 (low_confidence) or a uniform draw (random), as in LLaDA.
+    x0 = argmax(logits / T + Gumbel) (T = 0: argmax), drawn only inside `region` (x0 is 0 outside it:
+    nothing may commit there); confidence is the softmax probability of x0 in float64 (low_confidence) or
+    a uniform draw (random), as in LLaDA. Only the region's positions are read: the full [B, L, V] logits
+    are never upcast, reduced or copied.
     """
-    x0 = logits.argmax(-1)
+    b, n = region.shape
+    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device)
     if temperature > 0:
         for r, g in enumerate(gens):
             pos = region[r].nonzero().squeeze(1)
             if pos.numel():
                 x0[r, pos] = gumbel_argmax(logits[r, pos], g, temperature)
     if remasking == "random":
+        if temperature == 0:
+            x0 = torch.where(region, _region_max(logits, region)[0], x0)
         conf = _rand(gens, (logits.shape[1],), logits.device, active=active_rows(region) if active is None else active)
+    elif temperature == 0:
+        x0, conf = _region_max(logits, region, with_confidence=True)
     else:
         conf = softmax_at(logits, x0, region)
     conf = torch.where(region, conf, torch.full_like(conf, float("-inf")))
     return x0, conf
 
 
-def softmax_at(logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+def _chunk_rows(v: int, elements: int = 1 << 18) -> int:
+    """Rows of a [rows, V] float64 temporary that stay within ~2 MB (cache-sized chunks)."""
+    return max(1, elements // max(1, v))
+
+
+def _sum_exp64(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum_j exp(z_j - m) in float64 for z [N, V], m [N, 1] (one float64 temporary, worked on in place)."""
+    d = z.to(torch.float64, copy=True)
+    return d.sub_(m.double()).exp_().sum(-1)
+
+
+def softmax32_rtol(v: int) -> float:
+    """A bound on the relative error of a float32 softmax probability over `v` logits: v float32 rounding
+    errors of a sequential sum (the worst order; a vectorised sum is far better), the subtraction of the
+    max and a few ulp of exp. Measured errors are ~1e-7; the bound is for certifying decisions."""
+    return (v + 64) * 2.0**-24 + 16 * 2.0**-23
+
+
+def _region_max(
+    logits: torch.Tensor, region: torch.Tensor, with_confidence: bool = False, exact: bool = True,
+    tokens: bool = True,
+):
+    """(argmax token [B, L] long or None, softmax probability of it [B, L] float64 or None) at the
+    `region` positions (0 elsewhere), in cache-sized chunks: a row whose region is a dense span (a block's
+    masks) is read in place, the others' positions are gathered through work buffers allocated once (a
+    fresh large allocation per chunk costs page faults). exact: the probability from a float64 softmax, as
+    LLaDA computes it; else from a float32 softmax, within a relative `softmax32_rtol(V)` of it. The
+    probability of the argmax is the largest probability of the row (exp(0) times 1 / sum), so it is read
+    with a max, without the argmax; tokens=False skips the argmax (an index-tracking reduction, the
+    slowest pass) for callers that need the tokens of a few positions only (`argmax_at`)."""
+    b, n, v = logits.shape
+    x0 = torch.zeros((b, n), dtype=torch.long, device=logits.device) if tokens else None
+    conf = torch.zeros((b, n), dtype=torch.float64, device=logits.device) if with_confidence else None
+    if region.shape[0] == 0:
+        return x0, conf
+
+    def work(z, put):
+        if tokens:
+            put(x0, z.argmax(-1))
+        if with_confidence:
+            zz = z.to(torch.float64) if exact else z
+            put(conf, torch.softmax(zz, -1).amax(-1).double())
+
+    # one host sync for the spans of all rows
+    count, first = region.sum(1), region.int().argmax(1)
+    last = n - 1 - region.flip(1).int().argmax(1)
+    spans = torch.stack([count, first, last], 1).tolist()
+    step = _chunk_rows(v, 1 << 20 if not exact else 1 << 18)
+    scattered = torch.zeros_like(region)
+    for r, (cnt, lo, hi) in enumerate(spans):
+        if cnt == 0:
+            continue
+        if hi + 1 - lo > 2 * cnt:
+            scattered[r] = region[r]
+            continue
+        for s0 in range(lo, hi + 1, step):
+            s1 = min(hi + 1, s0 + step)
+
+            def put(dst, val, r=r, s0=s0, s1=s1):
+                dst[r, s0:s1] = val
+
+            work(logits[r, s0:s1], put)
+    if tokens:  # a span's positions outside the region read 0
+        x0 = torch.where(region, x0, torch.zeros_like(x0))
+    if with_confidence:
+        conf = torch.where(region, conf, torch.zeros_like(conf))
+    flat = scattered.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return x0, conf
+    table = logits.reshape(b * n, v)
+    chunk = min(step, flat.numel())
+    z_buf = torch.empty((chunk, v), dtype=logits.dtype, device=logits.device)
+    for start in range(0, flat.numel(), chunk):
+        idx = flat[start : start + chunk]
+
+        def put(dst, val, idx=idx):
+            dst.view(-1)[idx] = val
+
+        work(torch.index_select(table, 0, idx, out=z_buf[: idx.numel()]), put)
+    return x0, conf
+
+
+def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """argmax tokens [B, L] long at the `where` positions (0 elsewhere)."""
+    x0 = torch.zeros(where.shape, dtype=torch.long, device=logits.device)
+    flat = where.reshape(-1).nonzero().squeeze(1)
+    if flat.numel():
+        x0.view(-1)[flat] = torch.index_select(logits.reshape(-1, logits.shape[-1]), 0, flat).argmax(-1)
+    return x0
+
+
+#: greedy_commit decides in float64 directly below this many logits read per step (the float32-first path
+#: saves memory traffic but costs more kernel launches: at a 2k vocabulary and batch 1 those dominate)
+GREEDY_EXACT_BELOW = 1 << 17
+
+
+def greedy_commit(
+    logits: torch.Tensor, region: torch.Tensor, *, counts: torch.Tensor | None = None, tau: float | None = None,
+    scale: torch.Tensor | None = None, exact: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy low-confidence commit (temperature 0): (x0 [B, L], bool [B, L] positions to commit).
+
+    x0 = argmax, at the committed positions only (0 elsewhere); confidence = float64 softmax probability
+    of x0 (times `scale`, llada_conv's window), -inf outside `region`; commit the counts[b] most
+    confident of a row (`commit_top`) or, with `tau`, `commit_threshold`. The decision is the float64 one:
+    confidences are first computed by a float32 softmax (about half the cost), and only the positions
+    whose float32 value lies within the error bound (`softmax32_rtol`) of the decision boundary are
+    recomputed in float64 before deciding again. A position certified by the bound is on the same side of
+    the boundary in float64, so the commit equals the all-float64 one (ties included: those are always
+    recomputed). exact=True: float64 throughout. Below `GREEDY_EXACT_BELOW` logits (region positions x V)
+    the float64 softmax is taken directly, x0 then given at every region position."""
+    def pick(c):
+        return commit_top(c, counts) if tau is None else commit_threshold(c, tau)
+
+    v = logits.shape[-1]
+    flat = region.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() * v < GREEDY_EXACT_BELOW:  # little work: float64 in a few kernels, like a plain loop
+        c, a = torch.softmax(torch.index_select(logits.reshape(-1, v), 0, flat).double(), -1).max(-1)
+        conf = torch.full(region.shape, float("-inf"), dtype=torch.float64, device=logits.device)
+        conf.view(-1)[flat] = c if scale is None else c * scale.reshape(-1)[flat]
+        x0 = torch.zeros(region.shape, dtype=torch.long, device=logits.device)
+        x0.view(-1)[flat] = a  # the max of float64 probabilities of float32 logits is their argmax
+        return x0, pick(conf)
+
+    def finish(c):
+        c = c if scale is None else c * scale
+        return torch.where(region, c, torch.full_like(c, float("-inf")))
+
+    conf = finish(_region_max(logits, region, with_confidence=True, exact=exact, tokens=False)[1])
+    sel = pick(conf)
+    if not exact:
+        redo = uncertain_positions(conf, sel, softmax32_rtol(logits.shape[-1]), tau)
+        if bool(redo.any()):
+            exact_conf = _region_max(logits, redo, with_confidence=True, exact=True, tokens=False)[1]
+            conf = torch.where(redo, finish(exact_conf), conf)
+            sel = pick(conf)
+    return argmax_at(logits, sel), sel
+
+
+def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
+    """bool [B, L]: positions whose confidence, known to a relative `rtol`, could lie on the other side of
+    the decision: for a top-k commit `sel`, selected positions whose lower bound does not exceed the
+    largest upper bound of an unselected one, and unselected ones whose upper bound reaches the smallest
+    selected lower bound; with `tau`, also those whose interval contains tau, and the top-1 boundary (the
+    commit of a row where nothing reaches tau). Recomputing exactly these in float64 and deciding again
+    gives the float64 decision (the others' order against every other position is certain)."""
+    finite = torch.isfinite(conf)
+    lo, hi = conf * (1 - rtol), conf * (1 + rtol)
+
+    def boundary(chosen):
+        weakest = torch.where(chosen, lo, torch.full_like(lo, float("inf"))).amin(1, keepdim=True)
+        strongest = torch.where(finite & ~chosen, hi, torch.full_like(hi, float("-inf"))).amax(1, keepdim=True)
+        return finite & ((chosen & (lo <= strongest)) | (~chosen & (hi >= weakest)))
+
+    if tau is None:
+        return boundary(sel)
+    return boundary(_best(conf)) | (finite & (lo < tau) & (hi >= tau))
+
+
+def softmax_at(
+    logits: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """float64 softmax probability of `tokens` [B, L] at the `region` positions (0 elsewhere), as LLaDA
     computes it: float32 cannot separate confidences that differ by ~1e-7, and in bf16 models such
-    near-ties decide which token is committed. Only region rows are upcast, in chunks."""
+    near-ties decide which token is committed. Only region rows are upcast, in cache-sized chunks."""
     conf = torch.zeros(tokens.shape, dtype=torch.float64, device=logits.device)
     rows, cols = region.nonzero(as_tuple=True)
+    chunk = chunk or _chunk_rows(logits.shape[-1])
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start : start + chunk], cols[start : start + chunk]
-        z = logits[r, c].double()
-        conf[r, c] = (z.gather(-1, tokens[r, c][:, None]).squeeze(-1) - torch.logsumexp(z, -1)).exp()
+        z = logits[r, c]
+        m = z.amax(-1, keepdim=True)
+        zt = z.gather(-1, tokens[r, c][:, None]).squeeze(-1)
+        conf[r, c] = (zt.double() - m.squeeze(-1).double()).exp_() / _sum_exp64(z, m)
     return conf
 
 
@@ -237,10 +408,14 @@ def commit_top(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def commit_threshold(conf: torch.Tensor, tau: float) -> torch.Tensor:
     """bool [B, L]: every position with confidence >= tau, and at least the best one of a row that has any."""
-    sel = conf >= tau
-    has = torch.isfinite(conf).any(1)
-    best = commit_top(conf, has.long())
-    return sel | best
+    return (conf >= tau) | _best(conf)
+
+
+def _best(conf: torch.Tensor) -> torch.Tensor:
+    """bool [B, L]: the most confident position of each row that has a finite one (ties: lowest index,
+    as `commit_top` with a count of 1; argmax returns the first maximum), without a sort or a host sync."""
+    has = torch.isfinite(conf).any(1, keepdim=True)
+    return torch.zeros_like(conf, dtype=torch.bool).scatter_(1, conf.argmax(1, keepdim=True), has)
 
 
 def transfer_schedule(n_masked: torch.Tensor, steps: int) -> torch.Tensor:

@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""The regime where the sampler dominates: a cheap stand-in model with a large vocabulary, every
+diffusion method, difflm's `generate` against a plain loop of the same method (bench/reference.py),
+timed in the same run with interleaved repetitions.
+
+    python bench/sampler_regime.py                       # make bench: V 32000, batch 1 4 16
+    python bench/sampler_regime.py --vocab 126464 --batch 4 --methods llada conv --repeats 5
+
+The stand-in model (`StandIn`) looks its logits up in a random table by a hash of each position's two
+neighbours (float32), so a forward pass costs little next to the sampler; it computes the generated positions' logits
+only, for difflm and the plain loops alike (`logits_to_keep`). Per (method, batch): the median seconds per
+generate call of each side over `--repeats` interleaved repetitions (after one warm-up call each; the
+mass methods: `--mass-repeats`, 1, and no warm-up of their plain loop, which takes seconds a call), the
+median forward seconds inside them, and the speed-up reference / difflm. For the greedy methods
+(llada, threshold, llada_conv at temperature 0) both sides must commit the same tokens: the check is
+printed and a mismatch makes the exit status 1. Writes bench/results/<name>.json atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import reference as ref  # noqa: E402
+from difflm.decoding import DecodeConfig, generate  # noqa: E402
+from difflm.io import atomic_write_json  # noqa: E402
+
+METHODS = ("llada", "threshold", "llada_conv", "categorical", "topk", "conv", "semi_ar", "remdm")
+GREEDY = ("llada", "threshold", "llada_conv")
+
+#: what the plain loop of each method does (printed with the table)
+REFERENCE_DOES = {
+    "llada": "per row: argmax, float64 softmax, p(x0) gather, top-k of the block's masked positions",
+    "threshold": "per row: as llada, every p(x0) >= tau commits (at least the best), block by block",
+    "llada_conv": "per row: as llada over the whole answer, p(x0) * tanh(u_i) (conv1d window count)",
+    "categorical": "batch: float64 softmax, weights a p / b, one float64 Gumbel-max over [V + 1] per position",
+    "topk": "batch: as categorical, top-k kept, global normalisation |M| / sum q",
+    "conv": "batch: as topk, position scale tanh(u_i) C (conv1d window count)",
+    "semi_ar": "batch: as categorical inside each block, argmax fill at the block's end",
+    "remdm": "batch: as topk, ReMDM loop schedule and eta remasking (one float64 uniform per position)",
+}
+
+
+def pin_malloc() -> str:
+    """Fix glibc's malloc thresholds (mmap at 32 MiB and above, never trim the heap) so that the heap state
+    one side leaves behind does not decide whether the other side's next forward pays page faults for its
+    logits (with glibc's dynamic thresholds, interleaved runs in one process moved either side's forward
+    time by up to 2x, whichever ran before). Same setting for both sides; a no-op off glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 1 << 30)
+        return "glibc mmap threshold 32 MiB, no trimming" if ok else "mallopt refused; malloc defaults"
+    except (OSError, AttributeError):
+        return "not glibc; malloc defaults"
+
+
+class StandIn:
+    """A cheap bidirectional stand-in: the logits of position i are row h(x[i-1], x[i+1]) of a random table
+    (`buckets` rows; h a hash of both neighbours) times (1 + i / 1000), so no two positions share their
+    logits; MASK logit -inf. One gather per forward: far cheaper than the sampler at a large vocabulary.
+    Counts and times its calls."""
+
+    accepts_logits_to_keep = True
+
+    def __init__(self, vocab: int, buckets: int = 512, max_len: int = 4096, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(buckets, vocab, generator=g) * 2.0
+        self.scale = 1.0 + torch.arange(max_len, dtype=torch.float32) / 1000
+        self.buckets, self.mask_id = buckets, vocab - 1
+        self.calls, self.forward_s = 0, 0.0
+
+    def __call__(self, input_ids, attention_mask=None, logits_to_keep=None):
+        t0 = time.perf_counter()
+        b, n = input_ids.shape
+        xp = torch.nn.functional.pad(input_ids, (1, 1), value=0)
+        key = (xp[:, :-2] * 7919 + xp[:, 2:]) % self.buckets
+        scale = self.scale[:n]
+        if logits_to_keep:
+            key, scale = key[:, -logits_to_keep:], scale[-logits_to_keep:]
+        logits = torch.index_select(self.table, 0, key.reshape(-1)).view(b, key.shape[1], -1)
+        logits.mul_(scale[None, :, None])
+        logits[..., self.mask_id] = float("-inf")
+        self.calls += 1
+        self.forward_s += time.perf_counter() - t0
+        return logits
+
+
+def settings(method: str, args) -> dict:
+    s = dict(method=method, gen_length=args.gen_length, steps=args.steps)
+    if method in ("llada", "threshold", "semi_ar"):
+        s["block_length"] = args.block_length
+    if method in ("conv", "llada_conv"):
+        s["kernel_size"] = args.kernel_size
+    if method in ("topk", "conv", "remdm"):
+        s["top_k"] = args.top_k
+    if method == "threshold":
+        s["threshold"] = args.threshold
+    return s
+
+
+def run_difflm(model, prompt, s: dict, ids: dict, seed: int):
+    cfg = DecodeConfig(**s, seed=seed)
+    return generate(model, prompt, cfg, mask_id=ids["mask_id"], eos_id=ids["eos_id"]).sequences
+
+
+def run_reference(model, prompt, s: dict, ids: dict, seed: int):
+    m = s["method"]
+    if m in GREEDY:
+        kw = dict(block_length=s.get("block_length"), threshold=s.get("threshold", 0.9),
+                  kernel_size=s.get("kernel_size"))
+        return ref.plain_confidence_generate(model, prompt, method=m, steps=s["steps"], gen_length=s["gen_length"],
+                                             mask_id=ids["mask_id"], **kw)[0]
+    g = torch.Generator().manual_seed(seed)
+    return ref.plain_mass_generate(model, prompt, method=m, steps=s["steps"], gen_length=s["gen_length"],
+                                   mask_id=ids["mask_id"], top_k=s.get("top_k"), block_length=s.get("block_length"),
+                                   kernel_size=s.get("kernel_size"), generator=g)[0]
+
+
+def timed(model, fn, *a):
+    model.calls, model.forward_s = 0, 0.0
+    t0 = time.perf_counter()
+    x = fn(model, *a)
+    return x, time.perf_counter() - t0, model.forward_s, model.calls
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt-length", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--kernel-size", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed repetitions per side (median)")
+    ap.add_argument("--mass-repeats", type=int, default=1,
+                    help="timed calls per side for the mass methods (their plain loops take seconds; no warm-up)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="sampler-regime-cpu")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    malloc = pin_malloc()
+    V = args.vocab
+    ids = dict(mask_id=V - 1, eos_id=V - 2)
+    model = StandIn(V, seed=args.seed)
+    record = dict(
+        name=args.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=["bench/sampler_regime.py", *(sys.argv[1:] if argv is None else argv)],
+        machine=dict(cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                     load_average=os.getloadavg() if hasattr(os, "getloadavg") else None),
+        torch=torch.__version__, malloc=malloc, settings=vars(args), reference_does=REFERENCE_DOES, rows=[],
+    )
+    out_path = Path(args.out_dir) / f"{args.name}.json"
+    print(f"sampler regime: stand-in model (table lookup) V {V}, prompt {args.prompt_length}, gen_length "
+          f"{args.gen_length}, {args.steps} steps, block {args.block_length}, K {args.kernel_size}, top-k "
+          f"{args.top_k}; {torch.get_num_threads()} torch threads; medians of {args.repeats} interleaved calls; "
+          f"{malloc}")
+    print("plain loops (bench/reference.py):")
+    for m in args.methods:
+        print(f"  {m:<12} {REFERENCE_DOES[m]}")
+    head = (f"{'method':<12} {'batch':>5} {'difflm s':>9} {'plain s':>9} {'speed-up':>8} {'fwd share':>9} "
+            f"{'NFE':>7}  greedy tokens")
+    print(head)
+    failed = 0
+    gp = torch.Generator().manual_seed(args.seed)
+    prompts = {b: torch.randint(0, V - 2, (b, args.prompt_length), generator=gp) for b in args.batch}
+    for B in args.batch:
+        prompt = prompts[B]
+        for m in args.methods:
+            s = settings(m, args)
+            sides = {"difflm": run_difflm, "plain": run_reference}
+            meas = {k: [] for k in sides}
+            xs = {}
+            # the mass methods' plain loops take seconds per call and are an order of magnitude slower:
+            # --mass-repeats (1) timed calls each, and no warm-up call of the plain side
+            mass = m not in GREEDY
+            repeats = min(args.repeats, args.mass_repeats) if mass else args.repeats
+            for rep in range(repeats + 1):  # the first call of each side is a warm-up
+                for k, fn in (sides.items() if rep % 2 == 0 else reversed(sides.items())):
+                    if rep == 0 and mass and k == "plain":
+                        continue
+                    x, wall, fwd, nfe = timed(model, fn, prompt, s, ids, args.seed)
+                    xs[k] = (x, nfe)
+                    if rep:
+                        meas[k].append((wall, fwd))
+            med = {k: statistics.median(w for w, _ in v) for k, v in meas.items()}
+            fwd = {k: statistics.median(f for _, f in v) for k, v in meas.items()}
+            speedup = med["plain"] / med["difflm"]
+            row = dict(method=m, batch=B, difflm_s=med["difflm"], plain_s=med["plain"], speedup=speedup,
+                       difflm_forward_s=fwd["difflm"], plain_forward_s=fwd["plain"],
+                       difflm_nfe=xs["difflm"][1], plain_nfe=xs["plain"][1],
+                       difflm_s_all=[w for w, _ in meas["difflm"]], plain_s_all=[w for w, _ in meas["plain"]])
+            check = ""
+            if m in GREEDY:
+                diff = int((xs["difflm"][0] != xs["plain"][0]).sum())
+                row["mismatched_tokens"] = diff
+                check = "IDENTICAL" if diff == 0 else f"MISMATCH ({diff} tokens differ)"
+                failed += diff > 0
+            record["rows"].append(row)
+            share = fwd["difflm"] / med["difflm"]
+            print(f"{m:<12} {B:>5} {med['difflm']:>9.3f} {med['plain']:>9.3f} {speedup:>7.2f}x {100 * share:>8.0f}% "
+                  f"{xs['difflm'][1]:>3}/{xs['plain'][1]:<3}  {check}", flush=True)
+            atomic_write_json(out_path, record)
+    record["elapsed_s"] = time.perf_counter() - t_start
+    record["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    atomic_write_json(out_path, record)
+    worst = min(record["rows"], key=lambda r: r["speedup"]) if record["rows"] else None
+    if worst:
+        print(f"slowest speed-up: {worst['speedup']:.2f}x ({worst['method']}, batch {worst['batch']}); "
+              f"wrote {out_path} ({record['elapsed_s']:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
