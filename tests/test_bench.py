@@ -291,3 +291,20 @@ def test_sampler_regime_runs_and_checks_greedy_tokens(tmp_path, capsys):
     rec = json.loads((tmp_path / "s.json").read_text())
     assert {(r["method"], r["batch"]) for r in rec["rows"]} == {(m, b) for m in mod.METHODS for b in (1, 2)}
     assert all(r["difflm_s"] > 0 and r["plain_s"] > 0 and r["difflm_nfe"] >= 1 for r in rec["rows"])
+
+
+def test_bench_exit_status_1_when_a_decoder_fails(tmp_path, monkeypatch, capsys):
+    """README: exit status 1 if a decoder failed, its row saying why; the other decoders still run."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(more lines)")
+
+    monkeypatch.setattr(bench.ref, "llada_generate", out_of_memory)
+    argv = ["--preset", "tiny", "--gen-length", "16", "--steps", "4", "--repeats", "1", "--dtype", "float64",
+            "--methods", "llada", "ref-llada", "conv", "--name", "f", "--out-dir", str(tmp_path), "--plain"]
+    assert bench.main(argv) == 1
+    assert "ref-llada: RuntimeError: CUDA out of memory" in capsys.readouterr().err
+    (cell,) = json.loads((tmp_path / "f.json").read_text())["runs"]
+    dec = cell["decoders"]
+    assert dec["ref-llada"] == {"impl": "reference", "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert dec["llada"]["nfe"] == 16 and dec["conv"]["nfe"] > 0  # the others ran
+    assert cell["equivalence"] == [] and cell["comparisons"] == []  # nothing to compare the failed one with

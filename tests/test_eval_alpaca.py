@@ -163,3 +163,27 @@ def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, mo
     third = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
     assert third["n_draws"] == 1 and third["n_wins"] == 3 and third["win_rate"] == pytest.approx(70.0)
     assert sum(judged) == 5
+
+
+def test_max_instances_judges_only_that_many_pairs(tmp_path, fake_judge, monkeypatch):
+    """README: `--max-instances N` judges only N pairs (the judge sees 2 prompts, the summary and the cache 2)."""
+    import alpaca_eval.decoders.openai as openai_decoder
+
+    judge, judged = openai_decoder.openai_completions, []
+
+    def counting_judge(prompts, *args, **kwargs):
+        judged.append(len(prompts))
+        return judge(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(openai_decoder, "openai_completions", counting_judge)
+    ref = json.loads(REFERENCE.read_text())
+    mine = [dict(r, id=f"alpaca_eval-{i}", generator="mine", output=r["output"] + " and more") for i, r in enumerate(ref)]
+    out = tmp_path / "mine.json"
+    out.write_text(json.dumps(mine))
+    res = runner.invoke(app, ["eval", "alpaca", "--outputs", str(out), "--reference", str(REFERENCE),
+                              "--max-instances", "2"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
+    assert summary["n_total"] == 2 and summary["n_wins"] == 2 and sum(judged) == 2
+    cache = json.loads((tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").read_text())
+    assert len(cache) == 2

@@ -189,3 +189,9 @@ def test_make_eval_gsm8k_on_a_tiny_model(tiny_llada_dir, tmp_path):
     man = json.loads(Path(str(out) + ".manifest.json").read_text())
     assert man["prompt_format"] == "chat" and man["decode"]["kernel_size"] == 4 and man["items"] == 3
     assert json.loads(Path(str(out) + ".gsm8k.json").read_text())["n"] == 3
+    # README: an existing OUT is only rescored (not generated again)
+    before = out.read_bytes()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{out} exists: scoring it" in again.stdout and "GSM8K accuracy" in again.stdout
+    assert out.read_bytes() == before

@@ -272,3 +272,27 @@ def test_merge_refuses_a_file_or_link_as_output_before_loading(runner, tmp_path)
         assert len(lines) == 1 and f"is a {kind}" in lines[0], lines
     _assert_untouched(target)
     assert (tmp_path / "link").is_symlink() and (tmp_path / "file").read_text() == "x"
+
+
+def _recipe_files() -> list[Path]:
+    return sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _recipe_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_opens_with_the_command_that_runs_it(path):
+    """README: each recipe opens with the command that runs it -- every file under recipes/, so a new one is
+    covered too: the command is a difflm subcommand (or accelerate launch of one) given this very file."""
+    from difflm.generation import GenerateRecipe
+
+    rel = path.relative_to(ROOT).as_posix()
+    first = path.read_text().splitlines()[0]
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    if path.parent.name == "accelerate":
+        m = re.fullmatch(rf"# accelerate launch --config_file {re.escape(rel)} -m cli\.main (\w+) --recipe (\S+)( .*)?", first)
+        assert m, first
+        assert m.group(1) in commands and (ROOT / m.group(2)).is_file(), first
+        return
+    m = re.fullmatch(rf"# difflm (\w+) --recipe {re.escape(rel)}( .*)?", first)
+    assert m and m.group(1) in commands, first
+    cfg = load_recipe(GenerateRecipe if m.group(1) == "generate" else TrainRecipe, path)
+    assert cfg is not None

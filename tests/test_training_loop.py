@@ -517,3 +517,191 @@ def test_overwrite_replaces_the_old_run_in_one_swap(tiny_native_llada_dir, tiny_
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001"]
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert json.loads((run / "final" / "difflm_training.json").read_text())["steps"] == 1
+
+
+# -- promises of difflm/training/README.md ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tiny_native_llada_dir, tiny_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "r"
+    sft(recipe(tiny_native_llada_dir, tiny_data, out, train={"max_steps": 1}))
+    return out
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "seed", 1), ("train", "objective", "pretrain"), ("lora", "r", 8), ("data", "path", None),
+    ("r2ft", "beta_a", 0.5),
+])
+def test_resume_refuses_a_changed_recipe_key(tiny_native_llada_dir, tiny_data, finished_run, tmp_path, section, key,
+                                             value):
+    """README: a resumed run must agree on model/data/objective/batch/seed/lora/r2ft (each refused, naming the key)."""
+    import shutil
+
+    from difflm.errors import ConfigError
+
+    if value is None:  # the same examples in another tokenized folder: still another data.path
+        value = str(tmp_path / "copy")
+        shutil.copytree(tiny_data, value)
+    before = (finished_run / "metrics.jsonl").read_bytes()
+    sections = {"train": {"max_steps": 2, "resume": True}}
+    sections.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=rf"cannot resume .*{section}\.{key} was") as err:
+        sft(recipe(tiny_native_llada_dir, tiny_data, finished_run, **sections))
+    assert err.value.key == f"{section}.{key}"
+    assert (finished_run / "metrics.jsonl").read_bytes() == before  # refused before anything was written
+
+
+def test_weight_decay_on_matrices_only(tiny_native_llada_dir, tiny_data, tmp_path, monkeypatch):
+    """The optimiser sft builds: every matrix decays by optim.weight_decay, every vector (norms) by 0."""
+    made = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    result = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"max_steps": 1},
+                        optim={"weight_decay": 0.1}))
+    (opt,) = made
+    names = {id(p): n for n, p in result.model.module.named_parameters()}
+    decay = {names[id(p)]: p.ndim for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    no_decay = {names[id(p)]: p.ndim for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert set(decay) | set(no_decay) == set(names.values()) and not set(decay) & set(no_decay)
+    assert decay and all(nd >= 2 for nd in decay.values()), decay
+    assert any("norm" in n for n in no_decay) and all(nd == 1 for nd in no_decay.values()), no_decay
+
+
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_gradient_clipping_once_per_optimiser_step(tiny_native_llada_dir, tiny_data, tmp_path, monkeypatch, clip):
+    """optim.grad_clip: accelerate's clip_grad_norm_ with max_norm = grad_clip once per step (3 steps of 2
+    micro-batches), the gradients then within it; grad_clip null: never called, no grad_norm logged."""
+    from accelerate import Accelerator
+
+    calls = []
+    real = Accelerator.clip_grad_norm_
+
+    def recording(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        out = real(self, parameters, max_norm, *args, **kwargs)
+        after = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
+        calls.append((max_norm, float(out), after))
+        return out
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording)
+    sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", optim={"grad_clip": clip}))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    if clip is None:
+        assert calls == [] and all(r["grad_norm"] is None for r in lines)
+        return
+    assert [c[0] for c in calls] == [clip] * 3
+    assert [r["grad_norm"] for r in lines] == [c[1] for c in calls]  # the logged norm is the one before clipping
+    assert all(c[1] > clip for c in calls), calls  # the clip did something (measured norms 1.9-4.0)
+    assert all(c[2] <= clip * (1 + 1e-5) for c in calls), calls
+
+
+def test_held_out_loss_uses_fixed_noise(tiny_native_llada_dir, tiny_data, tmp_path):
+    """lr 0: the weights never change, so with fixed noise per held-out example every eval_loss is the same
+    (the same batches through the same kernels in one process: exact)."""
+    sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "r", train={"eval_every": 1}, optim={"lr": 0.0}))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in lines if r["split"] == "eval"]
+    assert len(evals) == 3 and evals[0] > 0 and evals == [evals[0]] * 3, evals
+    train_losses = [r["loss"] for r in lines if r["split"] == "train"]
+    assert len(set(train_losses)) == 3  # while each training step draws new noise
+
+
+def test_bf16_full_fine_tune_on_cpu_keeps_float32_weights(tiny_native_llada_dir, tiny_data, tmp_path):
+    """train.precision bf16: autocast (the loss differs from fp32's in low bits), fp32 master weights saved."""
+    from safetensors.torch import load_file
+
+    fp32 = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "a", train={"max_steps": 1}))
+    bf16 = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "b", train={"max_steps": 1, "precision": "bf16"}))
+    a, b = fp32.metrics["loss"], bf16.metrics["loss"]
+    assert math.isfinite(b) and b == pytest.approx(a, rel=5e-2), (a, b)  # measured 3.6e-5 relative
+    # bf16 keeps 8 bits of mantissa: an fp32 forward under the name bf16 would give the same loss to the bit
+    assert b != a, (a, b)
+    saved = load_file(str(bf16.final_dir / "model.safetensors"))
+    assert saved and {v.dtype for v in saved.values()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.module.parameters()} == {torch.float32}
+
+
+def test_full_mode_merges_the_given_adapter_first(tiny_native_llada_dir, tiny_data, tmp_path):
+    """model.adapter in full mode: lr 0, one step, the final weights are merge_adapter's output."""
+    from safetensors.torch import load_file
+
+    from difflm.training.merge import MergeRecipe, merge_adapter
+
+    lora = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "lora", train={"mode": "lora", "max_steps": 2},
+                      optim={"lr": 1e-2}))
+    merged = merge_adapter(MergeRecipe(adapter=str(lora.final_dir), output=str(tmp_path / "merged")))
+    full = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "full", model={"adapter": str(lora.final_dir)},
+                      train={"max_steps": 1}, optim={"lr": 0.0}))
+    got = load_file(str(full.final_dir / "model.safetensors"))
+    want = load_file(str(Path(merged) / "model.safetensors"))
+    base = load_file(str(tiny_native_llada_dir / "model.safetensors"))
+    assert got.keys() == want.keys() == base.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6, rtol=0), (k, float((got[k] - want[k]).abs().max()))
+    # not vacuous: the adapter moved the q/k/v matrices (by ~lr x steps), which a run that ignored it would keep
+    assert max(float((want[k] - base[k]).abs().max()) for k in want) > 1e-4
+
+
+def test_resume_after_a_failed_checkpoint_save_uses_the_previous_one(tiny_native_llada_dir, tiny_data, tmp_path,
+                                                                     monkeypatch):
+    """The step-3 checkpoint fails half-way (full disk): --resume restarts from step 2 and ends as one run."""
+    import difflm.training.loop as loop_mod
+
+    one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", train={"max_steps": 4}))
+    run = tmp_path / "two"
+    real_save = loop_mod._save_model
+
+    def disk_full(acc, model, out_dir, dlm):
+        real_save(acc, model, out_dir, dlm)  # the weights are written, then the disk is full
+        if out_dir.parent.name.startswith(".step-0000003"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop_mod, "_save_model", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 4, "save_every": 1, "keep_last": 5}))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    monkeypatch.setattr(loop_mod, "_save_model", real_save)
+    events = []
+    resumed = sft(recipe(tiny_native_llada_dir, tiny_data, run, train={"max_steps": 4, "save_every": 1,
+                                                                       "keep_last": 5, "resume": True}),
+                  callback=events.append)
+    (start,) = [e for e in events if e["event"] == "start"]
+    assert start["start_step"] == 2 and start["resumed_from"].endswith("step-0000002")
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert_same_weights(weights(one), weights(resumed))  # bit-equal, as in test_stop_and_resume_equals_one_run_full
+
+
+_R2FT_DDP_SCRIPT = _DDP_SCRIPT.replace("from difflm.training import TrainRecipe, sft", "from difflm.training import TrainRecipe, train").replace(
+    "result = sft(cfg)", "result = train(cfg, 'r2ft')")
+
+
+@pytest.mark.numerics
+@pytest.mark.slow
+def test_r2ft_two_processes_gloo_equal_one_process(tiny_native_llada_dir, tiny_data, tmp_path):
+    """R2FT runs under a launcher as the SFT does: 2 CPU ranks x micro-batch 1 x accumulation 2 == micro-batch 4."""
+    assert "train(cfg, 'r2ft')" in _R2FT_DDP_SCRIPT  # the script really runs R2FT
+    start = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"max_steps": 1})).final_dir
+    r2 = {"span_min": 8, "span_max": 12}
+    one = train(recipe(start, tiny_data, tmp_path / "one", train={"micro_batch": 4}, r2ft=r2), "r2ft")
+    cfg = recipe(start, tiny_data, tmp_path / "ddp", train={"micro_batch": 1}, r2ft=r2)
+    script = tmp_path / "ddp.py"
+    script.write_text(_R2FT_DDP_SCRIPT)
+    out = tmp_path / "w.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script), json.dumps(to_dict(cfg)), str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
+    assert_same_weights(w0, w1)  # the same all-reduced gradients and optimiser on both ranks: bit-equal
+    # other batch shapes than one process: a stated tolerance, as in the SFT test above
+    gap = relative_update_gap(w0, weights(one), start_weights(start))
+    assert gap < 2e-2, gap  # measured 2.1e-6; noise not seeded by stream position gives 1.05
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and all({"lw", "ll", "margin"} <= set(r) for r in lines)
+    assert (tmp_path / "ddp" / "command.txt").read_text() == "r2ft\n"
