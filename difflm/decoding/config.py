@@ -6,22 +6,26 @@ Field meanings and the paper's settings are documented in README.md ("Decoders")
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from difflm.config import check_field_metadata
+from difflm.decoding.conv import effective_kernel_size
+from difflm.decoding.methods import REGISTRY, names
 from difflm.errors import ConfigError
 
 #: Methods whose step draws from the masked-diffusion reverse process (weights for tokens and MASK).
-MASS_METHODS = ("categorical", "topk", "conv", "semi_ar", "remdm", "remdm_conv")
+MASS_METHODS = names(kind="mass")
 #: Methods that commit a fixed (or thresholded) number of the most confident tokens per step.
-CONFIDENCE_METHODS = ("llada", "llada_conv", "threshold")
+CONFIDENCE_METHODS = names(kind="confidence")
 #: Autoregressive reference decoding: difflm's own KV-cached sampling loop, one generator per row
 #: (`difflm.decoding.generate._generate_ar`).
-AR_METHODS = ("nucleus",)
-METHODS = MASS_METHODS + CONFIDENCE_METHODS + AR_METHODS
+AR_METHODS = names(kind="ar")
+#: Every method, in the registry's order (`difflm.decoding.methods`: one line per decoder).
+METHODS = tuple(REGISTRY)
 #: Methods that decode left-to-right blocks of `block_length`.
-BLOCK_METHODS = ("llada", "semi_ar", "threshold")
+BLOCK_METHODS = names(blocks=True)
 #: Methods that use the convolution window.
-CONV_METHODS = ("conv", "llada_conv", "remdm_conv")
+CONV_METHODS = names(conv=True)
 
 
 @dataclass
@@ -70,25 +74,14 @@ class DecodeConfig:
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
-        """Raise `ConfigError` (key = field name) for any invalid combination."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}", key="method")
+        """Raise `ConfigError` (key = field name) for any invalid combination: the ranges and choices of the
+        field metadata (the same check `difflm.config.check` runs), then the rules across fields."""
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # also refuses NaN
             raise ConfigError(
                 f"must be in (0, 1] (a token probability: commit tokens at least this confident), got {self.threshold}",
                 key="threshold",
             )
-        for f in fields(self):
-            v = getattr(self, f.name)
-            lo, hi = f.metadata.get("min"), f.metadata.get("max")
-            if v is None or isinstance(v, (str, bool)):
-                continue
-            if lo is not None and v < lo:
-                raise ConfigError(f"must be >= {lo}, got {v}", key=f.name)
-            if hi is not None and v > hi:
-                raise ConfigError(f"must be <= {hi}, got {v}", key=f.name)
-        if self.remasking not in ("low_confidence", "random"):
-            raise ConfigError(f"unknown remasking {self.remasking!r}; allowed: low_confidence, random", "remasking")
+        check_field_metadata(self)
         m = self.method
         block = self.block_length or self.gen_length
         if m in BLOCK_METHODS:
@@ -110,7 +103,7 @@ class DecodeConfig:
             )
         if m == "semi_ar" and self.steps < self.gen_length // block:
             raise ConfigError("semi_ar needs at least one step per block", key="steps")
-        if m in ("remdm", "remdm_conv"):
+        if REGISTRY[m].remdm:
             if not self.t_off < self.t_on:
                 raise ConfigError(
                     f"t_off {self.t_off} must be < t_on {self.t_on} (else the ReMDM loop never runs)", key="t_off"
@@ -131,8 +124,6 @@ class DecodeConfig:
                 )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
-        if self.cache not in (None, "prefix", "dual"):
-            raise ConfigError(f"unknown cache {self.cache!r}; allowed: prefix, dual", key="cache")
         if self.cache is not None:
             if m not in BLOCK_METHODS:
                 raise ConfigError(f"cache works with the block methods {', '.join(BLOCK_METHODS)}, not {m}", key="cache")
@@ -155,10 +146,8 @@ class DecodeConfig:
         return self.block_length or self.gen_length
 
     def effective_kernel_size(self) -> int:
-        """K of the conv window: kernel_size, else block_length (as the reference does), else gen_length/4
-        (the paper's K/L ratio for L 512 and 1024 on the small model); an even K is raised by one."""
-        k = self.kernel_size or self.block_length or max(1, self.gen_length // 4)
-        return k + 1 if k % 2 == 0 else k
+        """K of the conv window (`difflm.decoding.conv.effective_kernel_size`)."""
+        return effective_kernel_size(self.kernel_size, self.block_length, self.gen_length)
 
     def effective_threshold(self) -> float | None:
         if self.method == "threshold":
