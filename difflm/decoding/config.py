@@ -30,47 +30,45 @@ CONV_METHODS = names(conv=True)
 
 @dataclass
 class DecodeConfig:
-    """Settings of one decoding run. `None` means "the method's default" (see `resolved()`)."""
+    """Settings of one decoding run. `None` means "the method's default" (see `resolved()`).
 
-    method: str = field(default="conv", metadata={"help": "decoder", "choices": list(METHODS)})
-    gen_length: int = field(default=256, metadata={"help": "tokens to generate", "min": 1})
-    steps: int = field(default=64, metadata={"help": "denoising steps (model forward passes)", "min": 1})
-    block_length: int | None = field(
-        default=None, metadata={"help": "block size for llada/semi_ar/threshold (default: gen_length)", "min": 1}
-    )
-    kernel_size: int | None = field(
-        default=None,
-        metadata={"help": "conv window K (even -> K+1; default: block_length, else gen_length/4)", "min": 1},
-    )
-    top_k: int | None = field(default=None, metadata={"help": "keep the k best tokens (None: all)", "min": 1})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus p (method nucleus)", "min": 0.0, "max": 1.0})
-    temperature: float | None = field(
-        default=None,
-        metadata={"help": "0 = argmax token; default 1 for sampling methods, 0 for llada-style", "min": 0.0},
-    )
+    Each field is declared once: its metadata ("help", "choices", "min", "max") is the `difflm generate`
+    option (`--field-name`; `--decode` for method) and the range `validate` checks."""
+
+    #: the decoder (one registry line each in `difflm.decoding.methods`); the CLI help lists the choices
+    method: str = field(default="conv", metadata={"help": "", "choices": list(METHODS)})
+    gen_length: int = field(default=256, metadata={"help": "Tokens to generate.", "min": 1})
+    steps: int = field(default=64, metadata={"help": "Denoising steps.", "min": 1})
+    #: default gen_length (one block)
+    block_length: int | None = field(default=None, metadata={"help": "Blocks (llada/semi_ar/threshold).", "min": 1})
+    #: default block_length, else gen_length/4 (`difflm.decoding.conv.effective_kernel_size`)
+    kernel_size: int | None = field(default=None, metadata={"help": "Conv window K (even: K+1).", "min": 1})
+    top_k: int | None = field(default=None, metadata={"help": "Keep the k best tokens.", "min": 1})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus p (nucleus).", "min": 0.0, "max": 1.0})
+    #: default 1 for the mass methods, 0 for the confidence ones (`effective_temperature`)
+    temperature: float | None = field(default=None, metadata={"help": "0 = argmax token.", "min": 0.0})
     remasking: str = field(
-        default="low_confidence", metadata={"help": "llada confidence", "choices": ["low_confidence", "random"]}
+        default="low_confidence", metadata={"help": "(llada).", "choices": ["low_confidence", "random"]}
     )
-    cfg_scale: float = field(default=0.0, metadata={"help": "classifier-free guidance w", "min": 0.0})
-    conv_mult: float = field(default=1.0, metadata={"help": "s_i = tanh(conv_mult * u_i)", "min": 0.0})
-    eos_fill: bool = field(default=False, metadata={"help": "fill right of the first EOS/EOT with EOS"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1 = off", "min": 1.0})
-    alpha_on: float = field(default=0.9, metadata={"help": "ReMDM loop: unmasked share at t_on", "min": 0.0})
-    t_on: float = field(default=0.55, metadata={"help": "ReMDM loop start", "min": 0.0, "max": 1.0})
-    t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end", "min": 0.0, "max": 1.0})
-    eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability", "min": 0.0, "max": 1.0})
-    threshold: float | None = field(
-        default=None,
-        metadata={"help": "confidence threshold, 0 < tau <= 1 (method threshold; default 0.9)"},
-    )
+    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance w.", "min": 0.0})
+    conv_mult: float = field(default=1.0, metadata={"help": "s = tanh(conv_mult * u).", "min": 0.0})
+    eos_fill: bool = field(default=False, metadata={"help": "EOS right of the first EOS."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1 = off.", "min": 1.0})
+    alpha_on: float = field(default=0.9, metadata={"help": "ReMDM loop.", "min": 0.0})
+    t_on: float = field(default=0.55, metadata={"help": "ReMDM loop start.", "min": 0.0, "max": 1.0})
+    t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end (< t_on).", "min": 0.0, "max": 1.0})
+    eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability.", "min": 0.0, "max": 1.0})
+    #: 0 < tau <= 1, for threshold (default 0.9) and llada_conv (checked in `validate`: the bound is open)
+    threshold: float | None = field(default=None, metadata={"help": "Confidence threshold."})
+    #: Fast-dLLM's approximate KV cache (`difflm.decoding.cache`)
     cache: str | None = field(
-        default=None,
-        metadata={"help": "approximate KV cache for block methods (Fast-dLLM)", "choices": [None, "prefix", "dual"]},
+        default=None, metadata={"help": "KV cache (block methods).", "choices": [None, "prefix", "dual"]}
     )
+    #: default: once per block
     cache_refresh: int | None = field(
-        default=None, metadata={"help": "steps between cache refreshes inside a block (default: per block)", "min": 1}
+        default=None, metadata={"help": "Steps between cache refreshes in a block.", "min": 1}
     )
-    seed: int = field(default=0, metadata={"help": "base seed; each item's noise is seeded from (seed, id)"})
+    seed: int = field(default=0, metadata={"help": "Base seed; per item: (seed, id)."})
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
