@@ -17,7 +17,7 @@ types below, put the work in an inner function, and hand it to `run_command`::
         '''
 
         def work():
-            from difflm.decoding import GenerateRecipe  # heavy imports inside: `--help` stays fast
+            from difflm.generation import GenerateRecipe  # heavy imports inside: `--help` stays fast
             cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, {"decode.steps": steps})
             print_config(cfg)
             ...

@@ -1,15 +1,22 @@
 """`difflm generate`: decode prompts with any decoder; outputs in the format alpaca_eval reads.
 
 Thin: options -> `GenerateRecipe` -> `difflm.generation.run_generate`; progress and printing here.
+The decoding options are not declared here: each is built from a `DecodeConfig` field's metadata (help,
+type, choices) when the command is first parsed or shown (`_GenerateCommand`), so a new decode setting is
+declared once, in `difflm/decoding/config.py`, and `difflm --help` does not import torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, print_config, run_command
 
@@ -17,13 +24,72 @@ _D = "Decoding"
 _M = "Model"
 _I = "Inputs"
 _O = "Output"
+#: a DecodeConfig field's option is --field-name, except these
+_DECODE_FLAGS = {"method": "--decode"}
+_DECODE_META = "difflm.decode"  # ctx.meta key: the decoding options' values, {field: value or None}
 
 
 def _opt(*names, help, panel, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
+def _decode_help(meta) -> str:
+    """The option's help: the allowed values (if the field has choices), then the field's help text."""
+    choices = "|".join(str(c) for c in meta.get("choices", ()) if c is not None)
+    return " ".join(t for t in (choices, meta.get("help", "")) if t)
+
+
+def decode_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per `DecodeConfig` field, as typer reads them: Optional[field type] = None
+    (None: the recipe's or the default value), a `typer.Option` named `--field-name` (bool: a
+    `--x/--no-x` switch) with the field's help in the Decoding panel."""
+    from difflm.decoding.config import DecodeConfig
+
+    hints = typing.get_type_hints(DecodeConfig)
+    params = []
+    for f in dataclasses.fields(DecodeConfig):
+        tp = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
+        flag = _DECODE_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        decl = f"{flag}/--no-{flag[2:]}" if tp is bool else flag
+        ann = Annotated[Optional[tp], _opt(decl, help=_decode_help(f.metadata), panel=_D)]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
+    return params
+
+
+def _decode_click_params() -> list:
+    """The click parameters typer makes of `decode_parameters()` (through its public `get_command`)."""
+
+    def decode_options(**values) -> None:
+        """Decoding options."""
+
+    decode_options.__signature__ = inspect.Signature(decode_parameters())
+    sub = typer.Typer(add_completion=False)
+    sub.command()(decode_options)
+    return typer.main.get_command(sub).params
+
+
+class _GenerateCommand(TyperCommand):
+    """`generate`, its decoding options added after the Model panel on first use (parsing, help,
+    completion). Their values go to `ctx.meta[_DECODE_META]`, not to the callback's arguments."""
+
+    _decode_added = False
+
+    def get_params(self, ctx):
+        if not self._decode_added:
+            at = next(i for i, p in enumerate(self.params) if p.name == "tokenizer") + 1
+            self.params[at:at] = _decode_click_params()
+            self._decode_added = True
+        return super().get_params(ctx)
+
+    def invoke(self, ctx):
+        from difflm.decoding.config import DecodeConfig
+
+        ctx.meta[_DECODE_META] = {f.name: ctx.params.pop(f.name, None) for f in dataclasses.fields(DecodeConfig)}
+        return super().invoke(ctx)
+
+
 def generate(
+    ctx: typer.Context,
     recipe: RecipePath = None,
     overrides: Overrides = None,
     # model
@@ -37,33 +103,7 @@ def generate(
         Optional[bool], _opt("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
     ] = None,
     tokenizer: Annotated[Optional[str], _opt("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)] = None,
-    # decoding
-    decode: Annotated[
-        Optional[str],
-        _opt("--decode", help="categorical|topk|conv|llada|llada_conv|semi_ar|remdm|remdm_conv|threshold|nucleus", panel=_D),
-    ] = None,
-    gen_length: Annotated[Optional[int], _opt("--gen-length", help="Tokens to generate.", panel=_D)] = None,
-    steps: Annotated[Optional[int], _opt("--steps", help="Denoising steps.", panel=_D)] = None,
-    block_length: Annotated[Optional[int], _opt("--block-length", help="Blocks (llada/semi_ar/threshold).", panel=_D)] = None,
-    kernel_size: Annotated[Optional[int], _opt("--kernel-size", help="Conv window K (even: K+1).", panel=_D)] = None,
-    top_k: Annotated[Optional[int], _opt("--top-k", help="Keep the k best tokens.", panel=_D)] = None,
-    top_p: Annotated[Optional[float], _opt("--top-p", help="Nucleus p (nucleus).", panel=_D)] = None,
-    temperature: Annotated[Optional[float], _opt("--temperature", help="0 = argmax token.", panel=_D)] = None,
-    remasking: Annotated[Optional[str], _opt("--remasking", help="low_confidence|random (llada).", panel=_D)] = None,
-    cfg_scale: Annotated[Optional[float], _opt("--cfg-scale", help="Classifier-free guidance w.", panel=_D)] = None,
-    conv_mult: Annotated[Optional[float], _opt("--conv-mult", help="s = tanh(conv_mult * u).", panel=_D)] = None,
-    eos_fill: Annotated[Optional[bool], _opt("--eos-fill/--no-eos-fill", help="EOS right of the first EOS.", panel=_D)] = None,
-    repetition_penalty: Annotated[Optional[float], _opt("--repetition-penalty", help="1 = off.", panel=_D)] = None,
-    alpha_on: Annotated[Optional[float], _opt("--alpha-on", help="ReMDM loop.", panel=_D)] = None,
-    t_on: Annotated[Optional[float], _opt("--t-on", help="ReMDM loop start.", panel=_D)] = None,
-    t_off: Annotated[Optional[float], _opt("--t-off", help="ReMDM loop end (< t_on).", panel=_D)] = None,
-    eta: Annotated[Optional[float], _opt("--eta", help="ReMDM remasking probability.", panel=_D)] = None,
-    threshold: Annotated[Optional[float], _opt("--threshold", help="Confidence threshold.", panel=_D)] = None,
-    cache: Annotated[Optional[str], _opt("--cache", help="prefix|dual KV cache (block methods).", panel=_D)] = None,
-    cache_refresh: Annotated[
-        Optional[int], _opt("--cache-refresh", help="Steps between cache refreshes in a block.", panel=_D)
-    ] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Base seed; per item: (seed, id).", panel=_D)] = None,
+    # decoding: one option per DecodeConfig field, added by _GenerateCommand
     # inputs
     prompt: Annotated[Optional[list[str]], _opt("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
     input: Annotated[Optional[str], _opt("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
@@ -94,11 +134,7 @@ def generate(
     cli_values = {
         "model": dict(name=model, family=family, dtype=dtype, device=device, adapter=adapter,
                       quantization=quantization, trust_remote_code=trust_remote_code, tokenizer=tokenizer),
-        "decode": dict(method=decode, gen_length=gen_length, steps=steps, block_length=block_length,
-                       kernel_size=kernel_size, top_k=top_k, top_p=top_p, temperature=temperature,
-                       remasking=remasking, cfg_scale=cfg_scale, conv_mult=conv_mult, eos_fill=eos_fill,
-                       repetition_penalty=repetition_penalty, alpha_on=alpha_on, t_on=t_on, t_off=t_off, eta=eta,
-                       threshold=threshold, cache=cache, cache_refresh=cache_refresh, seed=seed),
+        "decode": dict(ctx.meta.get(_DECODE_META, {})),
         "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
                      prompt_format=prompt_format),
         "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
@@ -201,4 +237,4 @@ class _null:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate)
+    app.command("generate", cls=_GenerateCommand)(generate)

@@ -51,6 +51,7 @@ from difflm.errors import ConfigError
 __all__ = [
     "from_dict",
     "check",
+    "check_field_metadata",
     "parse_overrides",
     "merge",
     "load_recipe",
@@ -299,6 +300,13 @@ def check(obj: Any, prefix: str = "") -> None:
             raise ConfigError(str(e), key=prefix.rstrip(".")) from e
         except ValueError as e:
             raise ConfigError(str(e), key=prefix.rstrip(".") or None) from e
+
+
+def check_field_metadata(obj: Any) -> None:
+    """The metadata checks ("choices", "min", "max") of one dataclass instance's own fields (keys = field
+    names), as `check` runs them: for a `validate()` that must also hold when called directly."""
+    for f in dataclasses.fields(obj):
+        _check_metadata(f.metadata, getattr(obj, f.name), f.name)
 
 
 def _check_metadata(meta: Mapping[str, Any], value: Any, key: str) -> None:

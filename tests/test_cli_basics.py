@@ -180,3 +180,33 @@ def test_pipeline_commands_take_a_recipe_and_key_value_overrides(runner, cmd):
     assert any("--recipe" in line and "YAML recipe file" in line for line in result.output.splitlines())
     assert "[KEY=VALUE]..." in result.output  # the usage line: overrides as trailing arguments
     assert "Recipe overrides" in result.output
+
+
+def test_generate_declares_one_option_per_decode_field_from_its_metadata(runner):
+    import dataclasses
+
+    from difflm.decoding.config import DecodeConfig
+
+    result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for f in dataclasses.fields(DecodeConfig):
+        flag = "--decode" if f.name == "method" else "--" + f.name.replace("_", "-")
+        line = next((ln for ln in lines if ln.lstrip("│ ").startswith(f"{flag} ")), None)  # its row in a panel
+        assert line is not None, flag
+        assert f.metadata["help"] in line, (flag, line)  # the help comes from the field
+        for c in f.metadata.get("choices", ()):
+            assert c is None or str(c) in line, (flag, c)
+    assert any("--eos-fill" in ln and "--no-eos-fill" in ln for ln in lines)
+
+
+def test_building_the_cli_does_not_import_torch():
+    # the decoding options are made from DecodeConfig (whose package imports torch) only when `generate`
+    # is parsed or shown: `difflm --help` and the other commands stay fast
+    code = (
+        "import sys; from typer.main import get_command; import cli.main; "
+        "get_command(cli.main.app); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -891,3 +891,16 @@ def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypat
             assert first == [6, 7], first
         elif cfg.method == "threshold":  # nothing reaches 1.0: one per step, the most confident of block 1
             assert first == [7], first
+
+
+def test_every_method_is_one_registry_line_with_a_runner():
+    from difflm.decoding import config as C
+    from difflm.decoding.methods import REGISTRY
+
+    assert C.METHODS == tuple(REGISTRY)
+    assert C.DecodeConfig.__dataclass_fields__["method"].metadata["choices"] == list(REGISTRY)
+    for name, m in REGISTRY.items():
+        assert m.name == name and m.kind in ("mass", "confidence", "ar")
+        assert (m.runner is None) == (m.kind == "ar"), name
+    assert set(C.CONV_METHODS) == {"conv", "llada_conv", "remdm_conv"}
+    assert set(C.BLOCK_METHODS) == {"llada", "semi_ar", "threshold"}

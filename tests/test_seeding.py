@@ -27,7 +27,7 @@ def test_every_caller_uses_the_one_implementation():
     from difflm.training import losses
 
     assert losses.seed_for is seed_for
-    # difflm.decoding still has its own copy of item_seed (that package is edited elsewhere): same values
+    assert decoding_item_seed is item_seed  # difflm.decoding re-exports the one implementation
     for seed, key in [(0, "prompt-0"), (123, 4), (2**40, "id with spaces"), (5, "")]:
         assert decoding_item_seed(seed, key) == item_seed(seed, key)
     a, b = item_generator(3, "context", "continuation"), torch.Generator().manual_seed(item_seed(3, "context\x1fcontinuation"))

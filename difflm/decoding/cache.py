@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from difflm.errors import ConfigError
+from difflm.models.base import logits_of
 
 
 def _module(model):
@@ -57,7 +58,7 @@ class BlockCache:
             layer.values = layer.values.index_select(-2, keep)
         self.cache, self.keep_len, self.lo, self.hi = cache, keep.numel(), lo, hi
         self.attn_kept = None if attn is None else attn.index_select(1, keep)
-        return out.logits
+        return logits_of(out)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, hi - lo, V] of the window [lo, hi) of x, attending to the cached keys/values."""
@@ -70,4 +71,4 @@ class BlockCache:
         for layer in self.cache.layers:  # drop the window's keys again: the cache stays the refreshed one
             layer.keys = layer.keys[..., : self.keep_len, :]
             layer.values = layer.values[..., : self.keep_len, :]
-        return out.logits
+        return logits_of(out)

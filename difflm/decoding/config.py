@@ -6,89 +6,80 @@ Field meanings and the paper's settings are documented in README.md ("Decoders")
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from difflm.config import check_field_metadata
+from difflm.decoding.conv import effective_kernel_size
+from difflm.decoding.methods import REGISTRY, names
 from difflm.errors import ConfigError
 
 #: Methods whose step draws from the masked-diffusion reverse process (weights for tokens and MASK).
-MASS_METHODS = ("categorical", "topk", "conv", "semi_ar", "remdm", "remdm_conv")
+MASS_METHODS = names(kind="mass")
 #: Methods that commit a fixed (or thresholded) number of the most confident tokens per step.
-CONFIDENCE_METHODS = ("llada", "llada_conv", "threshold")
+CONFIDENCE_METHODS = names(kind="confidence")
 #: Autoregressive reference decoding: difflm's own KV-cached sampling loop, one generator per row
 #: (`difflm.decoding.generate._generate_ar`).
-AR_METHODS = ("nucleus",)
-METHODS = MASS_METHODS + CONFIDENCE_METHODS + AR_METHODS
+AR_METHODS = names(kind="ar")
+#: Every method, in the registry's order (`difflm.decoding.methods`: one line per decoder).
+METHODS = tuple(REGISTRY)
 #: Methods that decode left-to-right blocks of `block_length`.
-BLOCK_METHODS = ("llada", "semi_ar", "threshold")
+BLOCK_METHODS = names(blocks=True)
 #: Methods that use the convolution window.
-CONV_METHODS = ("conv", "llada_conv", "remdm_conv")
+CONV_METHODS = names(conv=True)
 
 
 @dataclass
 class DecodeConfig:
-    """Settings of one decoding run. `None` means "the method's default" (see `resolved()`)."""
+    """Settings of one decoding run. `None` means "the method's default" (see `resolved()`).
 
-    method: str = field(default="conv", metadata={"help": "decoder", "choices": list(METHODS)})
-    gen_length: int = field(default=256, metadata={"help": "tokens to generate", "min": 1})
-    steps: int = field(default=64, metadata={"help": "denoising steps (model forward passes)", "min": 1})
-    block_length: int | None = field(
-        default=None, metadata={"help": "block size for llada/semi_ar/threshold (default: gen_length)", "min": 1}
-    )
-    kernel_size: int | None = field(
-        default=None,
-        metadata={"help": "conv window K (even -> K+1; default: block_length, else gen_length/4)", "min": 1},
-    )
-    top_k: int | None = field(default=None, metadata={"help": "keep the k best tokens (None: all)", "min": 1})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus p (method nucleus)", "min": 0.0, "max": 1.0})
-    temperature: float | None = field(
-        default=None,
-        metadata={"help": "0 = argmax token; default 1 for sampling methods, 0 for llada-style", "min": 0.0},
-    )
+    Each field is declared once: its metadata ("help", "choices", "min", "max") is the `difflm generate`
+    option (`--field-name`; `--decode` for method) and the range `validate` checks."""
+
+    #: the decoder (one registry line each in `difflm.decoding.methods`); the CLI help lists the choices
+    method: str = field(default="conv", metadata={"help": "", "choices": list(METHODS)})
+    gen_length: int = field(default=256, metadata={"help": "Tokens to generate.", "min": 1})
+    steps: int = field(default=64, metadata={"help": "Denoising steps.", "min": 1})
+    #: default gen_length (one block)
+    block_length: int | None = field(default=None, metadata={"help": "Blocks (llada/semi_ar/threshold).", "min": 1})
+    #: default block_length, else gen_length/4 (`difflm.decoding.conv.effective_kernel_size`)
+    kernel_size: int | None = field(default=None, metadata={"help": "Conv window K (even: K+1).", "min": 1})
+    top_k: int | None = field(default=None, metadata={"help": "Keep the k best tokens.", "min": 1})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus p (nucleus).", "min": 0.0, "max": 1.0})
+    #: default 1 for the mass methods, 0 for the confidence ones (`effective_temperature`)
+    temperature: float | None = field(default=None, metadata={"help": "0 = argmax token.", "min": 0.0})
     remasking: str = field(
-        default="low_confidence", metadata={"help": "llada confidence", "choices": ["low_confidence", "random"]}
+        default="low_confidence", metadata={"help": "(llada).", "choices": ["low_confidence", "random"]}
     )
-    cfg_scale: float = field(default=0.0, metadata={"help": "classifier-free guidance w", "min": 0.0})
-    conv_mult: float = field(default=1.0, metadata={"help": "s_i = tanh(conv_mult * u_i)", "min": 0.0})
-    eos_fill: bool = field(default=False, metadata={"help": "fill right of the first EOS/EOT with EOS"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1 = off", "min": 1.0})
-    alpha_on: float = field(default=0.9, metadata={"help": "ReMDM loop: unmasked share at t_on", "min": 0.0})
-    t_on: float = field(default=0.55, metadata={"help": "ReMDM loop start", "min": 0.0, "max": 1.0})
-    t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end", "min": 0.0, "max": 1.0})
-    eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability", "min": 0.0, "max": 1.0})
-    threshold: float | None = field(
-        default=None,
-        metadata={"help": "confidence threshold, 0 < tau <= 1 (method threshold; default 0.9)"},
-    )
+    cfg_scale: float = field(default=0.0, metadata={"help": "Classifier-free guidance w.", "min": 0.0})
+    conv_mult: float = field(default=1.0, metadata={"help": "s = tanh(conv_mult * u).", "min": 0.0})
+    eos_fill: bool = field(default=False, metadata={"help": "EOS right of the first EOS."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1 = off.", "min": 1.0})
+    alpha_on: float = field(default=0.9, metadata={"help": "ReMDM loop.", "min": 0.0})
+    t_on: float = field(default=0.55, metadata={"help": "ReMDM loop start.", "min": 0.0, "max": 1.0})
+    t_off: float = field(default=0.05, metadata={"help": "ReMDM loop end (< t_on).", "min": 0.0, "max": 1.0})
+    eta: float = field(default=0.02, metadata={"help": "ReMDM remasking probability.", "min": 0.0, "max": 1.0})
+    #: 0 < tau <= 1, for threshold (default 0.9) and llada_conv (checked in `validate`: the bound is open)
+    threshold: float | None = field(default=None, metadata={"help": "Confidence threshold."})
+    #: Fast-dLLM's approximate KV cache (`difflm.decoding.cache`)
     cache: str | None = field(
-        default=None,
-        metadata={"help": "approximate KV cache for block methods (Fast-dLLM)", "choices": [None, "prefix", "dual"]},
+        default=None, metadata={"help": "KV cache (block methods).", "choices": [None, "prefix", "dual"]}
     )
+    #: default: once per block
     cache_refresh: int | None = field(
-        default=None, metadata={"help": "steps between cache refreshes inside a block (default: per block)", "min": 1}
+        default=None, metadata={"help": "Steps between cache refreshes in a block.", "min": 1}
     )
-    seed: int = field(default=0, metadata={"help": "base seed; each item's noise is seeded from (seed, id)"})
+    seed: int = field(default=0, metadata={"help": "Base seed; per item: (seed, id)."})
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
-        """Raise `ConfigError` (key = field name) for any invalid combination."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}", key="method")
+        """Raise `ConfigError` (key = field name) for any invalid combination: the ranges and choices of the
+        field metadata (the same check `difflm.config.check` runs), then the rules across fields."""
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:  # also refuses NaN
             raise ConfigError(
                 f"must be in (0, 1] (a token probability: commit tokens at least this confident), got {self.threshold}",
                 key="threshold",
             )
-        for f in fields(self):
-            v = getattr(self, f.name)
-            lo, hi = f.metadata.get("min"), f.metadata.get("max")
-            if v is None or isinstance(v, (str, bool)):
-                continue
-            if lo is not None and v < lo:
-                raise ConfigError(f"must be >= {lo}, got {v}", key=f.name)
-            if hi is not None and v > hi:
-                raise ConfigError(f"must be <= {hi}, got {v}", key=f.name)
-        if self.remasking not in ("low_confidence", "random"):
-            raise ConfigError(f"unknown remasking {self.remasking!r}; allowed: low_confidence, random", "remasking")
+        check_field_metadata(self)
         m = self.method
         block = self.block_length or self.gen_length
         if m in BLOCK_METHODS:
@@ -110,7 +101,7 @@ class DecodeConfig:
             )
         if m == "semi_ar" and self.steps < self.gen_length // block:
             raise ConfigError("semi_ar needs at least one step per block", key="steps")
-        if m in ("remdm", "remdm_conv"):
+        if REGISTRY[m].remdm:
             if not self.t_off < self.t_on:
                 raise ConfigError(
                     f"t_off {self.t_off} must be < t_on {self.t_on} (else the ReMDM loop never runs)", key="t_off"
@@ -131,8 +122,6 @@ class DecodeConfig:
                 )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
-        if self.cache not in (None, "prefix", "dual"):
-            raise ConfigError(f"unknown cache {self.cache!r}; allowed: prefix, dual", key="cache")
         if self.cache is not None:
             if m not in BLOCK_METHODS:
                 raise ConfigError(f"cache works with the block methods {', '.join(BLOCK_METHODS)}, not {m}", key="cache")
@@ -155,10 +144,8 @@ class DecodeConfig:
         return self.block_length or self.gen_length
 
     def effective_kernel_size(self) -> int:
-        """K of the conv window: kernel_size, else block_length (as the reference does), else gen_length/4
-        (the paper's K/L ratio for L 512 and 1024 on the small model); an even K is raised by one."""
-        k = self.kernel_size or self.block_length or max(1, self.gen_length // 4)
-        return k + 1 if k % 2 == 0 else k
+        """K of the conv window (`difflm.decoding.conv.effective_kernel_size`)."""
+        return effective_kernel_size(self.kernel_size, self.block_length, self.gen_length)
 
     def effective_threshold(self) -> float | None:
         if self.method == "threshold":

@@ -8,17 +8,21 @@ from its own generator, so a row's output depends only on its seed, prompt and s
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from difflm.decoding import conv
 from difflm.decoding import steps as S
 from difflm.decoding.cache import BlockCache
-from difflm.decoding.config import BLOCK_METHODS, CONV_METHODS, DecodeConfig, check_method_family
+from difflm.decoding.config import DecodeConfig, check_method_family
+from difflm.decoding.methods import REGISTRY
 from difflm.errors import ConfigError
+from difflm.models.base import logits_of
+from difflm.models.ids import stop_ids_from
+from difflm.seeding import item_seed
 
 _T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
 
@@ -33,12 +37,6 @@ class GenerateOutput:
     row_passes: int = 0  #: sequences run through the model, summed over passes (finished rows skip passes)
 
 
-def item_seed(seed: int, key: str | int) -> int:
-    """A 63-bit seed from (base seed, item id): stable across processes, ranks and batch layouts."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
     gens = []
     for s in seeds:
@@ -46,10 +44,6 @@ def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]
         g.manual_seed(int(s))
         gens.append(g)
     return gens
-
-
-def _logits_of(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 def _remdm_alpha(t: float, cfg: DecodeConfig) -> float:
@@ -64,7 +58,7 @@ def _remdm_alpha(t: float, cfg: DecodeConfig) -> float:
 
 def _schedule_weights(cfg: DecodeConfig, t: float, s: float) -> tuple[float, float, float]:
     """(a, b, remask probability) for the step t -> s: token weights a * p, MASK weight b."""
-    if cfg.method not in ("remdm", "remdm_conv"):
+    if not REGISTRY[cfg.method].remdm:
         return t - s, s, 0.0
     at, as_ = _remdm_alpha(t, cfg), _remdm_alpha(s, cfg)
     if as_ > at + 1e-12:  # unmasking phase: q(unmask) = (alpha_s - alpha_t) / (1 - alpha_t)
@@ -117,7 +111,7 @@ def generate(
         attention_mask = torch.as_tensor(attention_mask, device=device).long()
         if bool((attention_mask == 1).all()):
             attention_mask = None
-    if config.method == "nucleus":
+    if REGISTRY[config.method].kind == "ar":
         return _generate_ar(model, input_ids, attention_mask, config, eos_id, eot_id, row_seeds)
     if mask_id is None:
         raise ConfigError("mask_id is required for diffusion decoding", key="mask_id")
@@ -130,7 +124,8 @@ class _Decoder:
     def __init__(self, model, input_ids, attention_mask, cfg, mask_id, eos_id, eot_id, row_seeds, callback):
         self.model, self.cfg, self.callback = model, cfg, callback
         self.mask_id, self.eos_id = mask_id, eos_id
-        self.stop_ids = [eos_id] + ([eot_id] if eot_id is not None else [])
+        self.method = REGISTRY[cfg.method]
+        self.stop_ids = list(stop_ids_from(eos_id, eot_id))
         bsz, self.plen = input_ids.shape
         device = input_ids.device
         self.L = cfg.gen_length
@@ -202,8 +197,8 @@ class _Decoder:
     def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
         """The model's logits over the generated positions; a DiffusionLM is asked for those alone."""
         if getattr(self.model, "accepts_logits_to_keep", False):
-            return _logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
-        return _logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
+            return logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
+        return logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
 
     def postprocess(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """MASK at -inf and the repetition penalty, on logits of all or a window of the positions
@@ -245,10 +240,16 @@ class _Decoder:
             self.since_refresh += 1
         return self.last_logits
 
-    def conv_scales(self) -> torch.Tensor:
-        known = self.valid & (self.x != self.mask_id)
-        u = S.conv_counts(known, self.cfg.effective_kernel_size())[:, self.plen :]
-        return S.conv_scale(u, self.cfg.conv_mult)
+    def conv_scales(self) -> torch.Tensor | None:
+        """The conv window's s_i [B, L] for the methods that use it (`difflm.decoding.conv`), else None."""
+        if not self.method.conv:
+            return None
+        k = self.cfg.effective_kernel_size()
+        return conv.window_scales(self.x, self.valid, self.mask_id, self.plen, k, self.cfg.conv_mult)
+
+    def whole(self) -> torch.Tensor:
+        """The window of every generated position (methods without blocks)."""
+        return torch.ones_like(self.gen, dtype=torch.bool)
 
     def notify(self) -> None:
         self.step += 1
@@ -257,20 +258,10 @@ class _Decoder:
 
     # -- methods -----------------------------------------------------------------------------------
     def run(self) -> GenerateOutput:
-        m = self.cfg.method
-        if m in ("categorical", "topk", "conv", "remdm", "remdm_conv"):
-            self.run_mass(torch.ones_like(self.gen, dtype=torch.bool), self.cfg.steps)
-        elif m == "semi_ar":
-            self.run_blocks(self.run_mass)
-        elif m == "llada":
-            self.run_blocks(self.run_confidence)
-        elif m == "threshold":
-            self.run_blocks(self.run_confidence)
-        elif m == "llada_conv":
-            self.run_confidence(torch.ones_like(self.gen, dtype=torch.bool), self.cfg.steps)
-        else:  # validated before; kept as a guard for new methods
-            raise ConfigError(f"method {m!r} has no decoder", key="method")
-        filled = self.fill(torch.ones_like(self.gen, dtype=torch.bool))
+        if self.method.runner is None:  # validated before; kept as a guard for new methods
+            raise ConfigError(f"method {self.method.name!r} has no decoder", key="method")
+        self.method.runner(self)  # `difflm.decoding.methods`: one runner per method
+        filled = self.fill(self.whole())
         return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step, self.row_passes)
 
     def fill(self, window: torch.Tensor) -> torch.Tensor:
@@ -287,26 +278,25 @@ class _Decoder:
         block = self.cfg.effective_block_length()
         n_blocks = self.L // block
         per_block = self.cfg.steps // n_blocks
-        self.block_filled = torch.zeros(self.x.shape[0], dtype=torch.long, device=self.x.device)
         for bi in range(n_blocks):
             self.block, self.since_refresh = (bi * block, (bi + 1) * block), None
             window = torch.zeros_like(self.gen, dtype=torch.bool)
             window[:, bi * block : (bi + 1) * block] = True
             inner(window, per_block)
-            if self.cfg.method == "semi_ar":  # a block is finished before the next starts
+            if self.method.kind == "mass":  # semi_ar: a block is finished before the next starts
                 self.fill(window)
 
     def run_mass(self, window: torch.Tensor, n_steps: int) -> None:
         cfg = self.cfg
         ts = torch.linspace(1.0, _T_EPS, n_steps + 1, dtype=torch.float64).tolist()
-        top_k = None if cfg.method == "categorical" else cfg.top_k
+        top_k = cfg.top_k if self.method.top_k else None
         for i in range(n_steps):
             region = (self.gen == self.mask_id) & window
             if not self.select_rows(region):
                 break
             logits = self.forward()
             a, b, remask = _schedule_weights(cfg, ts[i], ts[i + 1])
-            s_conv = self.conv_scales() if cfg.method in CONV_METHODS else None
+            s_conv = self.conv_scales()
             old = self.gen.clone()
             new, _ = S.mass_step(
                 logits, old, region, a, b, top_k=top_k, temperature=self.temperature, gens=self.gens, s_conv=s_conv,
@@ -331,7 +321,7 @@ class _Decoder:
                 break
             logits = self.forward()
             counts = torch.minimum(schedule[:, i], region.sum(1)) if tau is None else None
-            scale = self.conv_scales() if cfg.method in CONV_METHODS else None
+            scale = self.conv_scales()
             if self.temperature == 0 and cfg.remasking == "low_confidence":  # float32 first, float64 where it decides
                 x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale)
             else:
@@ -357,7 +347,7 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     module = getattr(model, "module", model)
-    stop_ids = [eos_id] + ([eot_id] if eot_id is not None else [])
+    stop_ids = list(stop_ids_from(eos_id, eot_id))
     temperature = cfg.effective_temperature()
     device = input_ids.device
     bsz, plen = input_ids.shape

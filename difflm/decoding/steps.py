@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from difflm.decoding.conv import conv_counts, conv_scale  # noqa: F401  (the conv window: conv.py)
+
 
 # ------------------------------------------------------------------------------------------------
 # noise
@@ -85,28 +87,6 @@ def gumbel_argmax_rows(
     if group:
         flush(start + group)
     return torch.cat(out)
-
-
-# ------------------------------------------------------------------------------------------------
-# the convolution window
-def conv_counts(known: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """u_i = number of known tokens j with |j - i| <= (K-1)/2 (zero padding at the edges).
-
-    known: [B, N] bool (decoded or prompt, padding excluded). Exact integer arithmetic via cumulative sums.
-    """
-    h = (kernel_size - 1) // 2
-    b, n = known.shape
-    cs = torch.zeros(b, n + 1, dtype=torch.long, device=known.device)
-    cs[:, 1:] = known.long().cumsum(1)
-    idx = torch.arange(n, device=known.device)
-    hi = (idx + h + 1).clamp(max=n)
-    lo = (idx - h).clamp(min=0)
-    return cs[:, hi] - cs[:, lo]
-
-
-def conv_scale(u: torch.Tensor, conv_mult: float) -> torch.Tensor:
-    """s_i = tanh(conv_mult * u_i) in float64."""
-    return torch.tanh(conv_mult * u.double())
 
 
 # ------------------------------------------------------------------------------------------------
