@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
 __all__ = [
     "from_dict",
@@ -366,7 +366,7 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
             try:
                 value = _yaml_load(text)
             except yaml.YAMLError as e:
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                problem = getattr(e, "problem", None) or first_line(e)
                 raise ConfigError(
                     f"bad value in override {item!r}: {problem}; quote it to pass a string, e.g. "
                     f"{key}='\"...\"'"
@@ -425,7 +425,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         return {}

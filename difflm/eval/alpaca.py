@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, error_summary
 
 __all__ = [
     "ALPACA_EVAL_SIZE",
@@ -169,7 +169,7 @@ def _lc_metrics(annotations, n_total: int, full_set: bool) -> dict[str, Any]:
         return {
             "length_controlled_winrate": None,
             "lc_standard_error": None,
-            "lc_note": f"LC win rate failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+            "lc_note": f"LC win rate failed: {error_summary(e)}"[:300],
         }
     return {
         "length_controlled_winrate": float(m["length_controlled_winrate"]),
