@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from difflm.errors import ConfigError
+from difflm.model_families import FAMILIES  # noqa: F401 (also difflm.models.FAMILIES)
 
 from .ids import TokenIds
-
-#: The families `load_model` knows; "ar" is the only non-diffusion one.
-FAMILIES = ("llada", "dream", "mdlm", "mlm", "ar")
 
 #: Default LoRA target modules per family, as candidate groups: the first group whose names all
 #: occur in the module wins (BERT calls its projections query/key/value, ModernBERT fuses them
