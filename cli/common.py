@@ -13,7 +13,7 @@ types below, put the work in an inner function, and hand it to `run_command`::
     ):
         '''Generate text.
 
-        Example: difflm generate --recipe recipes/gen.yaml decode.steps=64
+        Example: difflm generate --recipe recipes/generate-gsm8k.yaml decode.steps=64
         '''
 
         def work():

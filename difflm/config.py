@@ -18,7 +18,7 @@ text and generic checks::
         model: str = "GSAI-ML/LLaDA-8B-Instruct"
         decode: DecodeConfig = field(default_factory=DecodeConfig)
 
-    cfg = load_recipe(GenerateRecipe, "recipes/gen.yaml", ["decode.steps=64"])
+    cfg = load_recipe(GenerateRecipe, "recipes/generate-gsm8k.yaml", ["decode.steps=64"])
 
 Supported annotations: int, float (an int is promoted), bool (real bools, or the strings
 "true"/"false"), str (ints and floats from YAML are turned into strings), `X | None`, other unions

@@ -2,7 +2,7 @@
 
 Formats (`PROMPT_FORMATS`):
 
-- ``alpaca``: the template of DESIGN.md section 4, used for training *and* generation::
+- ``alpaca``: the Stanford Alpaca template, used for training *and* generation::
 
       Below is an instruction that describes a task. Write a response that appropriately completes the request.
 
