@@ -68,6 +68,11 @@ Overrides = Annotated[
 Debug = Annotated[bool, typer.Option("--debug", help="On error, print the full traceback.")]
 
 
+def option(*names: str, help: str, panel: str | None = None, **kw: Any) -> Any:
+    """A typer option listed under the `panel` heading of --help (typer's `rich_help_panel`)."""
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
 def console() -> Console:
     """A rich console on stdout, for results."""
     return Console()

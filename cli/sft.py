@@ -15,14 +15,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, print_config, run_command
+from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, option, print_config, run_command
 
 _T = "Training"
 _M = "Model"
-
-
-def _opt(*names, help, panel=_T, **kw):
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+_opt = functools.partial(option, panel=_T)  # the training commands' options default to the Training panel
 
 
 def _shared_options(
