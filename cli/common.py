@@ -13,7 +13,7 @@ types below, put the work in an inner function, and hand it to `run_command`::
     ):
         '''Generate text.
 
-        Example: difflm generate --recipe recipes/gen.yaml decode.steps=64
+        Example: difflm generate --recipe recipes/generate-gsm8k.yaml decode.steps=64
         '''
 
         def work():
@@ -66,6 +66,11 @@ Overrides = Annotated[
     ),
 ]
 Debug = Annotated[bool, typer.Option("--debug", help="On error, print the full traceback.")]
+
+
+def option(*names: str, help: str, panel: str | None = None, **kw: Any) -> Any:
+    """A typer option listed under the `panel` heading of --help (typer's `rich_help_panel`)."""
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
 def console() -> Console:

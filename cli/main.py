@@ -21,7 +21,7 @@ from cli import tokenize as _tokenize
 app = typer.Typer(
     name="difflm",
     help="Fast and fluent diffusion language models: convolutional decoding and R2FT.\n\n"
-    "Example: difflm generate --recipe recipes/generate.yaml decode.steps=64",
+    "Example: difflm generate --recipe recipes/generate-gsm8k.yaml decode.steps=64",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

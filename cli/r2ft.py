@@ -9,28 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, Overrides, RecipePath
-from cli.sft import (
-    AdapterOpt, DataOpt, LrOpt, ModelOpt, ModeOpt, OutputOpt, OverwriteOpt, QuietOpt, ResumeOpt, StepsOpt,
-    _cli_values, _opt, run_training,
-)
+from cli.sft import _cli_values, _opt, run_training, training_command
 
 
+@training_command(after="lr")
 def r2ft(
-    recipe: RecipePath = None,
-    overrides: Overrides = None,
-    model: ModelOpt = None,
-    adapter: AdapterOpt = None,
-    mode: ModeOpt = None,
-    data: DataOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    lr: LrOpt = None,
-    beta_a: Annotated[Optional[float], _opt("--beta-a", help="Weight of the -b_a*LW term (0.1).")] = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
-    debug: Debug = False,
+    beta_a: Annotated[Optional[float], _opt("--beta-a", help="Weight of the -b_a*LW term (0.1).")] = None, **shared
 ) -> None:
     """Fine-tune an SFT'd model with the R2FT preference loss against synthetic repetitions.
 
@@ -41,9 +25,9 @@ def r2ft(
     inside) and logs LW (answer log-likelihood), LL (the repetition's) and their margin: LL should fall
     while LW holds.
     """
-    values = _cli_values(model, adapter, mode, data, output_dir, max_steps, lr, resume, overwrite)
+    values = _cli_values(**shared)
     values["r2ft"] = {"beta_a": beta_a}
-    run_training("r2ft", recipe, overrides, values, quiet, debug)
+    run_training("r2ft", values, **shared)
 
 
 def register(app: typer.Typer) -> None:

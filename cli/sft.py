@@ -7,49 +7,65 @@ reuses it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections import deque
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, print_config, run_command
+from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, option, print_config, run_command
 
 _T = "Training"
 _M = "Model"
+_opt = functools.partial(option, panel=_T)  # the training commands' options default to the Training panel
 
 
-def _opt(*names, help, panel=_T, **kw):
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
-
-
-ModelOpt = Annotated[Optional[str], _opt("--model", "-m", help="Hub name or local folder.", panel=_M)]
-AdapterOpt = Annotated[Optional[str], _opt("--adapter", help="Start from this LoRA adapter.", panel=_M)]
-ModeOpt = Annotated[Optional[str], _opt("--mode", help="full|lora|qlora", panel=_M)]
-DataOpt = Annotated[Optional[str], _opt("--data", help="Tokenized folder (data.path).")]
-OutputOpt = Annotated[Optional[str], _opt("--output-dir", "-o", help="Run folder (checkpoints, metrics, final/).")]
-StepsOpt = Annotated[Optional[int], _opt("--max-steps", help="Optimiser steps.")]
-LrOpt = Annotated[Optional[float], _opt("--lr", help="Peak learning rate.")]
-ResumeOpt = Annotated[bool, _opt("--resume", help="Continue from the last checkpoint in the run folder.")]
-OverwriteOpt = Annotated[bool, _opt("--overwrite", help="Delete an existing run folder first.")]
-QuietOpt = Annotated[bool, _opt("--quiet", "-q", help="No config panel or live view.")]
-
-
-def sft(
+def _shared_options(
     recipe: RecipePath = None,
     overrides: Overrides = None,
-    model: ModelOpt = None,
-    adapter: AdapterOpt = None,
-    mode: ModeOpt = None,
-    objective: Annotated[Optional[str], _opt("--objective", help="diffusion|pretrain|ar")] = None,
-    data: DataOpt = None,
-    output_dir: OutputOpt = None,
-    max_steps: StepsOpt = None,
-    lr: LrOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False,
+    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name or local folder.", panel=_M)] = None,
+    adapter: Annotated[Optional[str], _opt("--adapter", help="Start from this LoRA adapter.", panel=_M)] = None,
+    mode: Annotated[Optional[str], _opt("--mode", help="full|lora|qlora", panel=_M)] = None,
+    data: Annotated[Optional[str], _opt("--data", help="Tokenized folder (data.path).")] = None,
+    output_dir: Annotated[
+        Optional[str], _opt("--output-dir", "-o", help="Run folder (checkpoints, metrics, final/).")
+    ] = None,
+    max_steps: Annotated[Optional[int], _opt("--max-steps", help="Optimiser steps.")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", help="Peak learning rate.")] = None,
+    resume: Annotated[bool, _opt("--resume", help="Continue from the last checkpoint in the run folder.")] = False,
+    overwrite: Annotated[bool, _opt("--overwrite", help="Delete an existing run folder first.")] = False,
+    quiet: Annotated[bool, _opt("--quiet", "-q", help="No config panel or live view.")] = False,
     debug: Debug = False,
+) -> None:
+    """The options every training command takes, declared once (only the signature is used)."""
+
+
+def training_command(after: str):
+    """Decorator for a training command `fn(<its own options>, **shared)`: typer sees the options of
+    `_shared_options` with fn's own inserted after option `after`; fn gets them all as keywords."""
+
+    def wrap(fn):
+        shared = list(inspect.signature(_shared_options, eval_str=True).parameters.values())
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        at = [p.name for p in shared].index(after) + 1
+        params = shared[:at] + own + shared[at:]
+
+        @functools.wraps(fn)
+        def command(**options):
+            return fn(**options)
+
+        command.__signature__ = inspect.Signature(params, return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+@training_command(after="mode")
+def sft(
+    objective: Annotated[Optional[str], _opt("--objective", help="diffusion|pretrain|ar")] = None, **shared
 ) -> None:
     """Fine-tune a model with the diffusion SFT loss (full, LoRA or QLoRA); resumes from its run folder.
 
@@ -60,12 +76,13 @@ def sft(
     Run `difflm tokenize` with the same recipe first. Writes OUTPUT_DIR/metrics.jsonl, checkpoints/step-N
     (weights, optimizer, scheduler, RNG, data position) and final/ (the adapter alone for LoRA/QLoRA).
     """
-    values = _cli_values(model, adapter, mode, data, output_dir, max_steps, lr, resume, overwrite)
+    values = _cli_values(**shared)
     values["train"]["objective"] = objective
-    run_training("sft", recipe, overrides, values, quiet, debug)
+    run_training("sft", values, **shared)
 
 
-def _cli_values(model, adapter, mode, data, output_dir, max_steps, lr, resume, overwrite) -> dict:
+def _cli_values(*, model, adapter, mode, data, output_dir, max_steps, lr, resume, overwrite, **_) -> dict:
+    """The recipe values the shared options give (None: not given)."""
     return {
         "model": {"name": model, "adapter": adapter},
         "data": {"path": data},
@@ -77,8 +94,8 @@ def _cli_values(model, adapter, mode, data, output_dir, max_steps, lr, resume, o
     }
 
 
-def run_training(kind: str, recipe, overrides, cli_values: dict, quiet: bool, debug: bool) -> None:
-    """Shared body of `difflm sft` and `difflm r2ft`."""
+def run_training(kind: str, cli_values: dict, *, recipe, overrides, quiet: bool, debug: bool, **_) -> None:
+    """Shared body of `difflm sft` and `difflm r2ft` (`cli_values`: the recipe values the options give)."""
 
     def work() -> None:
         import datasets

@@ -18,7 +18,7 @@ text and generic checks::
         model: str = "GSAI-ML/LLaDA-8B-Instruct"
         decode: DecodeConfig = field(default_factory=DecodeConfig)
 
-    cfg = load_recipe(GenerateRecipe, "recipes/gen.yaml", ["decode.steps=64"])
+    cfg = load_recipe(GenerateRecipe, "recipes/generate-gsm8k.yaml", ["decode.steps=64"])
 
 Supported annotations: int, float (an int is promoted), bool (real bools, or the strings
 "true"/"false"), str (ints and floats from YAML are turned into strings), `X | None`, other unions
@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
 __all__ = [
     "from_dict",
@@ -177,94 +177,119 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:  # noqa: C901 (one branch per kind of type)
+def _convert(tp: Any, value: Any, key: str) -> Any:
     """Check `value` against annotation `tp`; return it (converted where lossless)."""
-
-    def bad() -> ConfigError:
-        return ConfigError(f"expected {_type_name(tp)}, got {_show(value)}", key=key)
-
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return value
     if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad()
-        arms = [a for a in args if a is not type(None)]
-        for arm in arms:
-            try:
-                return _convert(arm, value, key)
-            except ConfigError:
-                if len(arms) == 1:  # `X | None`: the arm's own message is the clearest
-                    raise
-        raise bad()
+        return _convert_union(tp, args, value, key)
     if origin is Literal:
-        for choice in args:
-            if value == choice and type(value) is type(choice):
-                return choice
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"must be one of {', '.join(map(repr, args))}, got {_show(value)}{hint}", key=key)
+        return _convert_literal(args, value, key)
     if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise bad()
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"expected {len(args)} items, got {_show(value)}", key=key)
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin or tp) is tuple else items
+        return _convert_sequence(tp, origin, args, value, key)
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
-            raise bad()
+            raise _bad(tp, value, key)
         kt, vt = args if args else (Any, Any)
         return {_convert(kt, k, key): _convert(vt, v, _join(key, str(k))) for k, v in value.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         return _build(tp, value, key + ".")
+    if tp in _SCALARS:
+        return _convert_scalar(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _convert_enum(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
+        if isinstance(value, (str, os.PathLike)):
+            return tp(value)
+        raise _bad(tp, value, key)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _bad(tp, value, key)
+    return value  # an annotation we do not understand: accept as is
+
+
+def _bad(tp: Any, value: Any, key: str) -> ConfigError:
+    return ConfigError(f"expected {_type_name(tp)}, got {_show(value)}", key=key)
+
+
+def _convert_union(tp: Any, args: tuple, value: Any, key: str) -> Any:
+    """`X | Y | None`: None only where the union allows it, else the first arm that takes the value."""
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _bad(tp, value, key)
+    arms = [a for a in args if a is not type(None)]
+    for arm in arms:
+        try:
+            return _convert(arm, value, key)
+        except ConfigError:
+            if len(arms) == 1:  # `X | None`: the arm's own message is the clearest
+                raise
+    raise _bad(tp, value, key)
+
+
+def _convert_literal(args: tuple, value: Any, key: str) -> Any:
+    """`Literal[...]`: one of the choices, of the same type; else name them (and the closest)."""
+    for choice in args:
+        if value == choice and type(value) is type(choice):
+            return choice
+    close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"must be one of {', '.join(map(repr, args))}, got {_show(value)}{hint}", key=key)
+
+
+def _convert_sequence(tp: Any, origin: Any, args: tuple, value: Any, key: str) -> list | tuple:
+    """`list[X]`, `tuple[X, ...]` and fixed-length `tuple[X, Y]`: each item checked, keyed `key[i]`."""
+    if not isinstance(value, (list, tuple)):
+        raise _bad(tp, value, key)
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} items, got {_show(value)}", key=key)
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    items = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if (origin or tp) is tuple else items
+
+
+def _convert_scalar(tp: type, value: Any, key: str) -> Any:
+    """bool, int, float, str: never a bool for a number; strings only where they read unambiguously."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise bad()
-    if tp is int:
+    elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise bad()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif tp is float:
+        if number:
             return float(value)
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             return float(value.replace("_", ""))
-        raise bad()
-    if tp is str:
+    elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if number:
             return str(value)  # `name: 2024` in YAML, `tag=7` on the command line
-        raise bad()
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        for member in tp:
-            if value == member.value or value == member.name:
-                return member
-        raise ConfigError(
-            f"must be one of {', '.join(repr(m.value) for m in tp)}, got {_show(value)}", key=key
-        )
-    if isinstance(tp, type) and issubclass(tp, pathlib.PurePath):
-        if isinstance(value, (str, os.PathLike)):
-            return tp(value)
-        raise bad()
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise bad()
-    return value  # an annotation we do not understand: accept as is
+    raise _bad(tp, value, key)
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _convert_enum(tp: type[enum.Enum], value: Any, key: str) -> enum.Enum:
+    """An Enum member, given as the member, its value or its name."""
+    if isinstance(value, tp):
+        return value
+    for member in tp:
+        if value == member.value or value == member.name:
+            return member
+    raise ConfigError(f"must be one of {', '.join(repr(m.value) for m in tp)}, got {_show(value)}", key=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +374,7 @@ def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
             try:
                 value = _yaml_load(text)
             except yaml.YAMLError as e:
-                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                problem = getattr(e, "problem", None) or first_line(e)
                 raise ConfigError(
                     f"bad value in override {item!r}: {problem}; quote it to pass a string, e.g. "
                     f"{key}='\"...\"'"
@@ -408,7 +433,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         return {}

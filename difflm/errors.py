@@ -15,3 +15,15 @@ class ConfigError(DifflmError, ValueError):
     def __init__(self, message: str, key: str | None = None):
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def error_summary(err: BaseException) -> str:
+    """`Type: first line of the message` (just `Type` when the message is empty), for one-line reports."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -25,6 +25,7 @@ from difflm.data.prompts import PROMPT_FORMATS, encode_prompt
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError
 from difflm.io import PartialResults, atomic_write_json, write_alpaca_eval_json
+from difflm.model_families import FAMILY_CHOICES
 
 
 @dataclass
@@ -37,7 +38,7 @@ class GenerateModelConfig:
                           "or smollm2-135m-instruct (AR; optional extra)"},
     )
     family: str = field(
-        default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"], "help": "model family"}
+        default="auto", metadata={"choices": list(FAMILY_CHOICES), "help": "model family"}
     )
     dtype: str = field(
         default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"], "help": "weights dtype"}

@@ -244,7 +244,17 @@ def build_tiny_llada_checkpoint(
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tiny tokenizer ({ids['vocab_size']})")
     if d_model % n_heads:
         raise ValueError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
+    _write_llada_configs(dir, ids, vocab_size, d_model, n_layers, n_heads, mlp, max_sequence_length)
+    tensors = _random_llada_weights(vocab_size, d_model, n_layers, mlp, seed)
+    save_file(tensors, str(dir / "model.safetensors"), metadata={"format": "pt"})
+    return dir
 
+
+def _write_llada_configs(
+    dir: Path, ids: dict, vocab_size: int, d_model: int, n_layers: int, n_heads: int, mlp: int,
+    max_sequence_length: int,
+) -> None:
+    """LLaDA-8B-Instruct's `config.json` scaled down (the tiny tokenizer's ids), and `generation_config.json`."""
     config = json.loads(_LLADA_CONFIG_TEMPLATE)
     config.update(
         d_model=d_model,
@@ -263,6 +273,9 @@ def build_tiny_llada_checkpoint(
     generation = {"eos_token_id": ids["eos_token_id"], "pad_token_id": ids["pad_token_id"], "use_cache": False}
     (dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
+
+def _random_llada_weights(vocab_size: int, d_model: int, n_layers: int, mlp: int, seed: int) -> dict:
+    """Seeded random weights under LLaDA's parameter names (norm weights around 1, the rest N(0, 0.02))."""
     g = torch.Generator().manual_seed(seed)
 
     def normal(*shape, std=0.02):
@@ -290,9 +303,7 @@ def build_tiny_llada_checkpoint(
             b + "up_proj.weight": normal(mlp, d_model),
             b + "ff_out.weight": normal(d_model, mlp),
         })
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(dir / "model.safetensors"), metadata={"format": "pt"})
-    return dir
+    return {k: v.contiguous() for k, v in tensors.items()}
 
 
 def build_tiny_native_llada(dir: str | Path, **kwargs) -> Path:

@@ -48,7 +48,9 @@ def softmax64(z):
 
 
 def reference_step(probs, masked, t, s, method, k=None, u=None, conv_mult=1.0):
-    """Independent float64 joint step distribution: [L, V+1], last column = MASK (formulas of DESIGN.md)."""
+    """Independent float64 joint step distribution: [L, V+1], last column = MASK. A masked position stays
+    MASK with weight s and becomes token v with weight (t - s) * p_v * scale (p cut to its top k): scale 1
+    (categorical), the masked count over the kept mass (topk), tanh(conv_mult * u) renormalised (conv)."""
     L = probs.shape[0]
     keep = np.zeros_like(probs, dtype=bool)
     for i in range(L):

@@ -2,7 +2,7 @@
 
 Formats (`PROMPT_FORMATS`):
 
-- ``alpaca``: the template of DESIGN.md section 4, used for training *and* generation::
+- ``alpaca``: the Stanford Alpaca template, used for training *and* generation::
 
       Below is an instruction that describes a task. Write a response that appropriately completes the request.
 
@@ -36,7 +36,9 @@ __all__ = [
     "PROMPT_FORMATS",
     "chat_messages",
     "encode_prompt",
+    "encode_text",
     "format_prompt",
+    "render_chat",
 ]
 
 #: `{input_block}` is ``input + "\n\n"`` when the input is non-blank, else empty.
@@ -126,7 +128,18 @@ def encode_prompt(
                 "(use --prompt-format alpaca)",
                 key="prompt_format",
             )
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tok, messages)
     else:
         text = format_prompt(instruction, input, fmt)
-    return [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    return encode_text(tok, text)
+
+
+def render_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied to `messages`, as text (to be encoded by `encode_text`)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of prompt text with no special tokens added: the templates carry their own (a chat
+    template's BOS and headers are strings in the text that map to their ids)."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]

@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, error_summary
 
 __all__ = [
     "ALPACA_EVAL_SIZE",
@@ -169,7 +169,7 @@ def _lc_metrics(annotations, n_total: int, full_set: bool) -> dict[str, Any]:
         return {
             "length_controlled_winrate": None,
             "lc_standard_error": None,
-            "lc_note": f"LC win rate failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+            "lc_note": f"LC win rate failed: {error_summary(e)}"[:300],
         }
     return {
         "length_controlled_winrate": float(m["length_controlled_winrate"]),
@@ -247,6 +247,42 @@ def evaluate_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_pairs = min(len(common), max_instances or len(common))
     full_set = n_pairs == ALPACA_EVAL_SIZE and len(model_df) == ALPACA_EVAL_SIZE
+    if on_progress:
+        on_progress(f"judging {n_pairs} pairs with {annotator}")
+    name, row = _judge(
+        alpaca_eval, model_df, ref_df, annotator, out_dir, max_instances, full_set, dict(annotator_kwargs or {})
+    )
+    ref_manifest = Path(str(reference) + ".manifest.json")
+    summary = {
+        "task": "alpaca",
+        "outputs": str(run.output_path),
+        "reference": str(reference),
+        "manifest": str(run.manifest_path) if run.manifest_path else None,
+        "outputs_sha256": run.digest,
+        "reference_manifest": str(ref_manifest) if ref_manifest.is_file() else None,
+        "annotator": str(annotator),
+        "generator": name,
+        **{k: row.get(k) for k in _LEADERBOARD_KEYS},
+        "output_dir": str(out_dir),
+        "settings": run.settings(),
+    }
+    path = Path(results) if results else results_path(run.output_path, "alpaca")
+    atomic_write_json(path, summary)
+    summary["results_path"] = str(path)
+    return summary
+
+
+# The leaderboard columns the summary keeps (in this order).
+_LEADERBOARD_KEYS = (
+    "win_rate", "standard_error", "length_controlled_winrate", "lc_standard_error", "lc_note",
+    "discrete_win_rate", "n_total", "n_wins", "n_wins_base", "n_draws", "avg_length",
+)
+
+
+def _judge(alpaca_eval, model_df, ref_df, annotator: str, out_dir: Path, max_instances: int | None,
+           full_set: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Run `alpaca_eval.evaluate` (annotations cached in `out_dir`); return (generator name, its leaderboard
+    row as JSON-able values), the row's metrics being alpaca_eval's win rate plus our length-controlled one."""
 
     def fn_metric(annotations) -> dict[str, Any]:
         from alpaca_eval import metrics
@@ -255,9 +291,6 @@ def evaluate_files(
         m.update(_lc_metrics(annotations, len(annotations), full_set))
         return m
 
-    if on_progress:
-        on_progress(f"judging {n_pairs} pairs with {annotator}")
-    kwargs = dict(annotator_kwargs or {})
     kwargs.setdefault("caching_path", str(out_dir / "annotations_cache.json"))
     kwargs.setdefault("Annotator", _annotator_class())  # reruns over the cache (see _annotator_class)
     leaderboard, _ = alpaca_eval.evaluate(
@@ -274,32 +307,4 @@ def evaluate_files(
         **kwargs,
     )
     name = alpaca_eval.utils.get_generator_name(None, model_df)
-    row = {k: _jsonable(v) for k, v in leaderboard.loc[name].to_dict().items()}
-    ref_manifest = Path(str(reference) + ".manifest.json")
-    summary = {
-        "task": "alpaca",
-        "outputs": str(run.output_path),
-        "reference": str(reference),
-        "manifest": str(run.manifest_path) if run.manifest_path else None,
-        "outputs_sha256": run.digest,
-        "reference_manifest": str(ref_manifest) if ref_manifest.is_file() else None,
-        "annotator": str(annotator),
-        "generator": name,
-        "win_rate": row.get("win_rate"),
-        "standard_error": row.get("standard_error"),
-        "length_controlled_winrate": row.get("length_controlled_winrate"),
-        "lc_standard_error": row.get("lc_standard_error"),
-        "lc_note": row.get("lc_note"),
-        "discrete_win_rate": row.get("discrete_win_rate"),
-        "n_total": row.get("n_total"),
-        "n_wins": row.get("n_wins"),
-        "n_wins_base": row.get("n_wins_base"),
-        "n_draws": row.get("n_draws"),
-        "avg_length": row.get("avg_length"),
-        "output_dir": str(out_dir),
-        "settings": run.settings(),
-    }
-    path = Path(results) if results else results_path(run.output_path, "alpaca")
-    atomic_write_json(path, summary)
-    summary["results_path"] = str(path)
-    return summary
+    return name, {k: _jsonable(v) for k, v in leaderboard.loc[name].to_dict().items()}

@@ -228,25 +228,20 @@ def fluency_metrics(
 
 
 def load_tokenizer(name: str) -> Any:
-    """A Hugging Face tokenizer from a folder or Hub name (cached copies only when the Hub is offline or
-    unreachable, so a machine without network gets an error in seconds)."""
-    from difflm.errors import ConfigError
+    """A Hugging Face tokenizer from a folder or Hub name: `difflm.models.tokenizer.load_tokenizer` (cached
+    copies only when the Hub is offline or unreachable, so a machine without network gets an error in
+    seconds), with any failure reported as bad input."""
+    from difflm.errors import ConfigError, error_summary
+    from difflm.models.tokenizer import load_tokenizer as load_model_tokenizer
 
-    path = Path(name).expanduser()
-    source, local_only = (str(path), False) if path.is_dir() else (name, None)
-    if local_only is None:
-        from difflm.models.hub import hub_local_only
-
-        local_only = hub_local_only()
     try:
-        from transformers import AutoTokenizer
-
         # trust_remote_code=False: never the interactive prompt for checkpoints with remote code (LLaDA's
         # own format); their tokenizers are standard ones
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
+        return load_model_tokenizer(name, source=name, local=False, family="ar", trust_remote_code=False)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - a missing or bad tokenizer is bad input
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {first})", key="tokenizer") from None
+        raise ConfigError(f"cannot load tokenizer {name!r} ({error_summary(e)})", key="tokenizer") from None
 
 
 def evaluate_file(

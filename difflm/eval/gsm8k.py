@@ -29,7 +29,7 @@ the ambiguous cases, chosen so that a number written *as an answer* is found and
 `extract_answer` returns the number as written, with ``$``, ``,`` and a leading ``+`` removed and the
 sign and decimals kept (``"-5"``, ``"18.00"``, ``"0.5"`` for ``.5``); `is_correct` compares it with
 the gold number as exact decimals, so ``18.00 == 18`` and ``1,000 == 1000``. The reference
-implementation's regex mis-scores ``$18``, ``18.00`` and ``-5`` (DESIGN.md section 5).
+implementation's regex mis-scores ``$18``, ``18.00`` and ``-5``.
 
 Accuracy is reported with its standard error sqrt(p (1 - p) / n) (binomial, n items).
 """

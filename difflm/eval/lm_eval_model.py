@@ -54,6 +54,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry
 
+from difflm.data.prompts import encode_text, render_chat
 from difflm.decoding import DecodeConfig
 from difflm.errors import ConfigError
 
@@ -138,12 +139,12 @@ class DifflmLM(LM):
         return getattr(self.tokenizer, "chat_template", None) or ""
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        # lm-eval wants the prompt as text and hands it back to generate_until: the same rendering and
+        # encoding as `difflm.data.prompts.encode_prompt` (prompt format "chat")
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt)
 
     def _encode(self, text: str) -> list[int]:
-        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        return encode_text(self.tokenizer, text)
 
     def _seed(self, *parts: str) -> torch.Generator:
         from difflm.seeding import item_generator

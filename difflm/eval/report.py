@@ -217,10 +217,24 @@ def render_markdown(rows: list[dict], plots: list[str] | None = None, title: str
     return "\n".join(lines) + "\n"
 
 
-def _save_fig(fig, path: Path) -> None:
+def _save_fig(fig, path: Path) -> bool:
+    """Write `fig` as a PNG (atomically) and close it; True (the plot functions' "written")."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
+    plt.close(fig)
+    return True
+
+
+def _label_axes(ax, xlabel: str, ylabel: str, **legend) -> None:
+    """Axis labels, y from 0, a light grid and the legend (`legend`: its keyword arguments)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
 
 
 def _group_key(r: dict, multi_model: bool) -> str:
@@ -263,14 +277,8 @@ def plot_score_vs_steps(rows: list[dict], path: Path) -> bool:
         ticks = sorted({p[0] for pts in groups.values() for p in pts})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("denoising steps")
-        ax.set_ylabel(title)
-        ax.grid(alpha=0.3)
-        ax.legend(title="method")
-    _save_fig(fig, path)
-    plt.close(fig)
-    return True
+        _label_axes(ax, "denoising steps", title, title="method")
+    return _save_fig(fig, path)
 
 
 def plot_repetition_vs_position(rows: list[dict], path: Path) -> bool:
@@ -284,15 +292,10 @@ def plot_repetition_vs_position(rows: list[dict], path: Path) -> bool:
     for i, (label, c) in enumerate(curves):  # 10 colours, then the next line style: no two curves look alike
         ax.plot([(b["start"] + b["end"]) / 2 for b in c], [b["rate"] for b in c], marker=".", label=label,
                 color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[(i // 10) % 4])
-    ax.set_xlabel("position after the prompt (bin centre, tokens)")
     ns = sorted({str(r.get("position_n")) for r in rows if r.get("position_n")})
-    ax.set_ylabel(f"repeated {'/'.join(ns) or 'n'}-gram rate")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    _save_fig(fig, path)
-    plt.close(fig)
-    return True
+    _label_axes(ax, "position after the prompt (bin centre, tokens)", f"repeated {'/'.join(ns) or 'n'}-gram rate",
+                fontsize="small")
+    return _save_fig(fig, path)
 
 
 def plot_tokens_per_nfe(rows: list[dict], path: Path) -> bool:
@@ -315,9 +318,7 @@ def plot_tokens_per_nfe(rows: list[dict], path: Path) -> bool:
     if devices:
         ax.set_title("device: " + "; ".join(devices), fontsize=8)
     ax.legend(fontsize="small")
-    _save_fig(fig, path)
-    plt.close(fig)
-    return True
+    return _save_fig(fig, path)
 
 
 def build_report(

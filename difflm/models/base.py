@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from difflm.errors import ConfigError
+from difflm.model_families import FAMILIES  # noqa: F401 (also difflm.models.FAMILIES)
 
 from .ids import TokenIds
-
-#: The families `load_model` knows; "ar" is the only non-diffusion one.
-FAMILIES = ("llada", "dream", "mdlm", "mlm", "ar")
 
 #: Default LoRA target modules per family, as candidate groups: the first group whose names all
 #: occur in the module wins (BERT calls its projections query/key/value, ModernBERT fuses them
@@ -219,8 +217,11 @@ class DiffusionLM:
         """Token ids of a chat prompt ending with the assistant header (add_generation_prompt=True).
 
         A plain string is one user turn. Uses the tokenizer's own chat template, which writes any
-        BOS itself (no extra special tokens are added).
+        BOS itself (no extra special tokens are added): rendered and encoded as `encode_prompt` and
+        the lm-eval wrapper do (`difflm.data.prompts.render_chat`, `encode_text`).
         """
+        from difflm.data.prompts import encode_text, render_chat
+
         if self.tokenizer is None:
             raise ConfigError(
                 f"{self.name or 'this model'} has no tokenizer, so text prompts are impossible; "
@@ -236,10 +237,7 @@ class DiffusionLM:
             messages = [{"role": "user", "content": messages_or_text}]
         else:
             messages = list(messages_or_text)
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # older tokenizers ignore return_dict
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return encode_text(self.tokenizer, render_chat(self.tokenizer, messages))
 
     def __repr__(self) -> str:
         return (

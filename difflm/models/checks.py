@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
 from .base import logits_of
-from .hub import first_line, hub_local_only, looks_like_repo_id
+from .hub import hub_local_only, looks_like_repo_id
 
 
 def check_finite(module: nn.Module, name: str = "model", only: str | None = None, what: str = "model") -> None:

@@ -12,15 +12,9 @@ import socket
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def hub_offline() -> bool:

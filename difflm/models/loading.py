@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
+from difflm.model_families import FAMILY_CHOICES
 
-from .base import FAMILIES, DiffusionLM
+from .base import DiffusionLM
 from .checks import check_adapter, check_bidirectional, check_finite
 from .families import detect_family, load_module
-from .hub import first_line, hub_config_file, hub_errors, looks_like_repo_id
+from .hub import hub_config_file, hub_errors, looks_like_repo_id
 from .ids import first_int, resolve_ids
 from .llada import read_config
 from .named import PACKAGED_MODELS, embedded_model_dir, packaged_gguf
@@ -89,7 +90,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def _check_family(family: str | None) -> str:
     if family is None:
         return "auto"
-    allowed = ("auto",) + FAMILIES
+    allowed = FAMILY_CHOICES
     if not isinstance(family, str) or family.lower() not in allowed:
         raise ConfigError(f"unknown model family {family!r}; allowed: {', '.join(allowed)}", key="family")
     return family.lower()

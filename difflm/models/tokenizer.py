@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
-from .hub import first_line, hub_errors, hub_local_only, looks_like_repo_id
+from .hub import hub_errors, hub_local_only, looks_like_repo_id
 
 log = logging.getLogger(__name__)
 

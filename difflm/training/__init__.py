@@ -17,36 +17,10 @@ Importing this package is cheap (torch loads with the submodules).
 
 from __future__ import annotations
 
-from .recipes import (
-    DataConfig,
-    LoraConfig,
-    ModelConfig,
-    OptimConfig,
-    R2FTConfig,
-    TrainConfig,
-    TrainDataConfig,
-    TrainModelConfig,
-    TrainRecipe,
-)
+from .recipes import *  # noqa: F403 (the recipe dataclasses and choices, listed once in recipes.__all__)
+from .recipes import __all__ as _recipe_names
 
-__all__ = [
-    "DataConfig",
-    "LoraConfig",
-    "MergeRecipe",
-    "ModelConfig",
-    "OptimConfig",
-    "R2FTConfig",
-    "TrainConfig",
-    "TrainDataConfig",
-    "TrainModelConfig",
-    "TrainRecipe",
-    "TrainResult",
-    "merge_adapter",
-    "r2ft_train",
-    "sft",
-    "tokenize",
-    "train",
-]
+__all__ = [*_recipe_names, "MergeRecipe", "TrainResult", "merge_adapter", "r2ft_train", "sft", "tokenize", "train"]
 
 
 def tokenize(recipe, overwrite: bool = False, rows=None, status=None):

@@ -125,10 +125,10 @@ def quiet_peft():
 
 
 def _check_adapter_dir(adapter: str) -> str:
-    path = Path(adapter).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)", key="model.adapter")
-    return str(path)
+    """The adapter folder (ConfigError on model.adapter when it has no adapter_config.json)."""
+    from difflm.models.checks import adapter_config_file
+
+    return str(adapter_config_file(adapter, key="model.adapter").parent)
 
 
 def build_model(recipe: TrainRecipe, device: torch.device | str):

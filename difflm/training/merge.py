@@ -16,6 +16,7 @@ from pathlib import Path
 
 from difflm.errors import ConfigError
 from difflm.io import atomic_directory
+from difflm.model_families import FAMILY_CHOICES
 
 __all__ = ["MergeRecipe", "merge_adapter"]
 
@@ -25,7 +26,7 @@ class MergeRecipe:
     adapter: str | None = field(default=None, metadata={"help": "the LoRA adapter folder"})
     model: str | None = field(default=None, metadata={"help": "the base model (default: the adapter's base)"})
     output: str | None = field(default=None, metadata={"help": "the folder to write"})
-    family: str = field(default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"]})
+    family: str = field(default="auto", metadata={"choices": list(FAMILY_CHOICES)})
     dtype: str = field(default="auto", metadata={"choices": ["auto", "float32", "bfloat16", "float16"]})
     device: str | None = field(default="cpu", metadata={"help": "where to merge (cpu needs RAM for the full model)"})
     trust_remote_code: bool = False

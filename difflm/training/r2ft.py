@@ -119,8 +119,15 @@ def r2ft_loss(
     zeros = torch.zeros(batch, device=device, dtype=torch.float32)
     lw = zeros.index_add(0, rows, lp_w) / (answer_end - prompt_len).clamp(min=1).float()
     ll = zeros.index_add(0, rows, lp_l) / (end - start).clamp(min=1).float()
-    loss = -F.logsigmoid(beta_w * lw - beta_l * ll - gamma) - beta_a * lw
-    return loss, lw, ll
+    return _preference_loss(lw, ll, beta_w, beta_l, beta_a, gamma), lw, ll
+
+
+def _preference_loss(
+    lw: torch.Tensor, ll: torch.Tensor, beta_w: float, beta_l: float, beta_a: float, gamma: float
+) -> torch.Tensor:
+    """R2FT's loss from the answer's (LW) and the repetition's (LL) mean log-likelihoods, per sequence:
+    -log sigmoid(b_w LW - b_l LL - gamma) - b_a LW (the diffusion and the AR variant share it)."""
+    return -F.logsigmoid(beta_w * lw - beta_l * ll - gamma) - beta_a * lw
 
 
 def r2ft_ar_loss(
@@ -145,8 +152,7 @@ def r2ft_ar_loss(
     keep_l = int(torch.as_tensor(end).max())
     lw = -ar_loss(forward(x0[:, :keep_w]), x0[:, :keep_w], prompt_len, answer_end)
     ll = -ar_loss(forward(y_l[:, :keep_l]), y_l[:, :keep_l], start, end)
-    loss = -F.logsigmoid(beta_w * lw - beta_l * ll - gamma) - beta_a * lw
-    return loss, lw, ll
+    return _preference_loss(lw, ll, beta_w, beta_l, beta_a, gamma), lw, ll
 
 
 def r2ft_batch_loss(

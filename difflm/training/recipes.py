@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from difflm.errors import ConfigError
+from difflm.model_families import FAMILY_CHOICES
 
 __all__ = [
     "DataConfig",
@@ -46,7 +47,7 @@ class TrainModelConfig:
 
     name: str | None = field(default=None, metadata={"help": "Hub name or local model folder"})
     family: str = field(
-        default="auto", metadata={"choices": ["auto", "llada", "dream", "mdlm", "mlm", "ar"], "help": "model family"}
+        default="auto", metadata={"choices": list(FAMILY_CHOICES), "help": "model family"}
     )
     dtype: str = field(
         default="float32",

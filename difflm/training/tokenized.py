@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from difflm.config import save_resolved, to_dict
-from difflm.errors import ConfigError
+from difflm.errors import ConfigError, first_line
 
 from .losses import answer_length
 from .recipes import TrainRecipe
@@ -71,7 +71,7 @@ def load_tokenizer_and_ids(model_cfg) -> tuple[Any, Any, str]:
     try:
         tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ConfigError(f"cannot load the tokenizer of {tok_source!r}: {first}", key="model.tokenizer") from None
     vocab = config.get("embedding_size") or config.get("vocab_size")
     ids = resolve_ids(family, config, tok, vocab).validate(family, vocab, model_cfg.name)
@@ -120,7 +120,7 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 (datasets raises many kinds: offline, missing, bad JSON)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         hint = " (the Hub is offline: use a local file)" if files is None and os.environ.get("HF_DATASETS_OFFLINE") else ""
         raise ConfigError(f"cannot read data {source!r}: {first}{hint}", key="data.source") from None
     if limit is not None:
