@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
-from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, print_config, run_command
+from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, option, print_config, run_command
 
 _D = "Decoding"
 _M = "Model"
@@ -27,10 +27,6 @@ _O = "Output"
 #: a DecodeConfig field's option is --field-name, except these
 _DECODE_FLAGS = {"method": "--decode"}
 _DECODE_META = "difflm.decode"  # ctx.meta key: the decoding options' values, {field: value or None}
-
-
-def _opt(*names, help, panel, **kw):
-    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
 def _decode_help(meta) -> str:
@@ -51,7 +47,7 @@ def decode_parameters() -> list[inspect.Parameter]:
         tp = next(a for a in (typing.get_args(hints[f.name]) or (hints[f.name],)) if a is not type(None))
         flag = _DECODE_FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         decl = f"{flag}/--no-{flag[2:]}" if tp is bool else flag
-        ann = Annotated[Optional[tp], _opt(decl, help=_decode_help(f.metadata), panel=_D)]
+        ann = Annotated[Optional[tp], option(decl, help=_decode_help(f.metadata), panel=_D)]
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann))
     return params
 
@@ -93,33 +89,33 @@ def generate(
     recipe: RecipePath = None,
     overrides: Overrides = None,
     # model
-    model: Annotated[Optional[str], _opt("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)] = None,
-    family: Annotated[Optional[str], _opt("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
-    dtype: Annotated[Optional[str], _opt("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
-    device: Annotated[Optional[str], _opt("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,
-    adapter: Annotated[Optional[str], _opt("--adapter", help="peft LoRA adapter folder.", panel=_M)] = None,
-    quantization: Annotated[Optional[str], _opt("--quantization", help="4bit|8bit (bitsandbytes, CUDA).", panel=_M)] = None,
+    model: Annotated[Optional[str], option("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)] = None,
+    family: Annotated[Optional[str], option("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
+    dtype: Annotated[Optional[str], option("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
+    device: Annotated[Optional[str], option("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,
+    adapter: Annotated[Optional[str], option("--adapter", help="peft LoRA adapter folder.", panel=_M)] = None,
+    quantization: Annotated[Optional[str], option("--quantization", help="4bit|8bit (bitsandbytes, CUDA).", panel=_M)] = None,
     trust_remote_code: Annotated[
-        Optional[bool], _opt("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
+        Optional[bool], option("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
     ] = None,
-    tokenizer: Annotated[Optional[str], _opt("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)] = None,
+    tokenizer: Annotated[Optional[str], option("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)] = None,
     # decoding: one option per DecodeConfig field, added by _GenerateCommand
     # inputs
-    prompt: Annotated[Optional[list[str]], _opt("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
-    input: Annotated[Optional[str], _opt("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
-    eval_set: Annotated[Optional[str], _opt("--eval-set", help="alpaca_eval|gsm8k|wiki|arena_hard", panel=_I)] = None,
-    data_path: Annotated[Optional[str], _opt("--data-path", help="Local copy of the eval set.", panel=_I)] = None,
-    limit: Annotated[Optional[int], _opt("--limit", help="First N items.", panel=_I)] = None,
+    prompt: Annotated[Optional[list[str]], option("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
+    input: Annotated[Optional[str], option("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
+    eval_set: Annotated[Optional[str], option("--eval-set", help="alpaca_eval|gsm8k|wiki|arena_hard", panel=_I)] = None,
+    data_path: Annotated[Optional[str], option("--data-path", help="Local copy of the eval set.", panel=_I)] = None,
+    limit: Annotated[Optional[int], option("--limit", help="First N items.", panel=_I)] = None,
     prompt_format: Annotated[
-        Optional[str], _opt("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
+        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
     ] = None,
     # output
-    output: Annotated[Optional[str], _opt("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,
-    overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace an existing output.", panel=_O)] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", help="Prompts per batch.", panel=_O)] = None,
-    generator: Annotated[Optional[str], _opt("--generator", help="alpaca_eval `generator` name.", panel=_O)] = None,
-    live: Annotated[bool, _opt("--live", help="Show the denoising canvas (one prompt).", panel=_O)] = False,
-    quiet: Annotated[bool, _opt("--quiet", "-q", help="No config panel or progress bar.", panel=_O)] = False,
+    output: Annotated[Optional[str], option("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,
+    overwrite: Annotated[Optional[bool], option("--overwrite", help="Replace an existing output.", panel=_O)] = None,
+    batch_size: Annotated[Optional[int], option("--batch-size", "-b", help="Prompts per batch.", panel=_O)] = None,
+    generator: Annotated[Optional[str], option("--generator", help="alpaca_eval `generator` name.", panel=_O)] = None,
+    live: Annotated[bool, option("--live", help="Show the denoising canvas (one prompt).", panel=_O)] = False,
+    quiet: Annotated[bool, option("--quiet", "-q", help="No config panel or progress bar.", panel=_O)] = False,
     debug: Debug = False,
 ) -> None:
     """Generate text with a diffusion LM (or an AR reference model with --decode nucleus).
