@@ -3,7 +3,7 @@ prediction, so its logit is -inf before the softmax, which is taken in float32.
 
 One place for the rule, used by the training losses (`difflm.training.losses` / `.r2ft`), the likelihood
 bound (`difflm.eval.likelihood`) and the embedded models' held-out loss (`difflm.embedded.heldout_loss`).
-(The samplers in `difflm.decoding.generate` apply the same rule in place on their own logits buffer.)
+(The samplers in `difflm.decoding.loop` apply the same rule in place on their own logits buffer.)
 """
 
 from __future__ import annotations

@@ -219,7 +219,7 @@ def test_semi_ar_first_step_is_topk_inside_the_block():
 
 
 def test_remdm_phases_and_loop_remasking():
-    from difflm.decoding.generate import _remdm_alpha, _schedule_weights
+    from difflm.decoding.loop import _remdm_alpha, _schedule_weights
 
     cfg = DecodeConfig(method="remdm", alpha_on=0.9, t_on=0.55, t_off=0.05, eta=0.02)
     assert _remdm_alpha(1.0, cfg) == 0.0

@@ -7,6 +7,6 @@
 """
 
 from difflm.decoding.config import METHODS, DecodeConfig
-from difflm.decoding.generate import GenerateOutput, generate, item_seed
+from difflm.decoding.loop import GenerateOutput, generate, item_seed
 
 __all__ = ["METHODS", "DecodeConfig", "GenerateOutput", "generate", "item_seed"]

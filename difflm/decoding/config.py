@@ -18,7 +18,7 @@ MASS_METHODS = names(kind="mass")
 #: Methods that commit a fixed (or thresholded) number of the most confident tokens per step.
 CONFIDENCE_METHODS = names(kind="confidence")
 #: Autoregressive reference decoding: difflm's own KV-cached sampling loop, one generator per row
-#: (`difflm.decoding.generate._generate_ar`).
+#: (`difflm.decoding.loop._generate_ar`).
 AR_METHODS = names(kind="ar")
 #: Every method, in the registry's order (`difflm.decoding.methods`: one line per decoder).
 METHODS = tuple(REGISTRY)

@@ -1,6 +1,6 @@
 """Every decoder, one registry line each: name -> `Method` (what kind of step, blocks, conv window, runner).
 
-Adding a decoder: write its runner (a function of the `_Decoder` of `difflm.decoding.generate`, usually one
+Adding a decoder: write its runner (a function of the `_Decoder` of `difflm.decoding.loop`, usually one
 of the loops there over a window) and add one `Method` line to `_REGISTRY`; `DecodeConfig`'s choices,
 validation and the CLI's `--decode` help follow from it. Torch-free (config.py imports it).
 """
