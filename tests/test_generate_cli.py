@@ -153,10 +153,24 @@ def test_live_view_and_prompt_printing(tiny_llada_dir):
     assert "prompt-0" in res.output
 
 
+_LAUNCHERS = {
+    "torchrun": lambda port: ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)],
+    # On a CPU-only machine accelerate needs `--multi_gpu` (accelerate 1.x then starts the ranks with torch's
+    # elastic launcher; difflm uses gloo): `accelerate launch --cpu --num_processes 2` starts ONE process
+    # (accelerate's plain launcher; multi-CPU runs go through mpirun), hence the world_size check.
+    "accelerate": lambda port: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                "--main_process_port", str(port)],
+}
+
+
 @pytest.mark.numerics
 @pytest.mark.slow
-def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, tmp_path):
-    pytest.importorskip("torch.distributed.run")
+@pytest.mark.parametrize("launcher", sorted(_LAUNCHERS))
+def test_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, tmp_path, launcher):
+    """README: `torchrun --nproc_per_node 2 -m cli.main generate ...` and `accelerate launch -m cli.main
+    generate ...` on 2 processes give the 1-process file (each rank takes every 2nd item, rank 0 merges)."""
+    pytest.importorskip({"torchrun": "torch.distributed.run", "accelerate": "accelerate.commands.launch"}[launcher])
     common = ["-m", str(tiny_llada_dir), "--eval-set", "gsm8k", "--data-path", str(FIX / "gsm8k.jsonl"),
               "--limit", "5", "--gen-length", "16", "--steps", "4", "--decode", "topk", "--top-k", "3",
               "--batch-size", "1", "-q"]
@@ -169,15 +183,14 @@ def test_torchrun_two_ranks_merge_to_the_single_process_output(tiny_llada_dir, t
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "cli.main", "generate", *common, "-o", str(multi)],
+        [sys.executable, *_LAUNCHERS[launcher](free_port()), "-m", "cli.main", "generate", *common, "-o", str(multi)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(Path(str(multi) + ".manifest.json").read_text())["world_size"] == 2
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert [r["output"] for r in a] == [r["output"] for r in b]
-    assert json.loads(Path(str(multi) + ".manifest.json").read_text())["world_size"] == 2
 
 
 def test_nucleus_reference_answers_from_an_ar_model(tmp_path):
@@ -344,36 +357,3 @@ def test_nucleus_refuses_penalty_and_guidance_with_one_line_before_loading(tmp_p
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "nucleus" in lines[0], lines
     assert not (tmp_path / "o.json").exists()
-
-
-@pytest.mark.numerics
-@pytest.mark.slow
-def test_accelerate_launch_two_processes_merge_to_the_single_process_output(tiny_llada_dir, tmp_path):
-    """README: `accelerate launch -m cli.main generate ... -o OUT` on 2 processes gives the 1-process file.
-
-    On a CPU-only machine this needs `--multi_gpu` (accelerate 1.x then starts the ranks with torch's
-    elastic launcher; difflm uses gloo): `accelerate launch --cpu --num_processes 2` starts ONE process
-    (accelerate's plain launcher; multi-CPU runs go through mpirun), hence the world_size check."""
-    pytest.importorskip("accelerate.commands.launch")
-    common = ["-m", str(tiny_llada_dir), "--eval-set", "gsm8k", "--data-path", str(FIX / "gsm8k.jsonl"),
-              "--limit", "5", "--gen-length", "16", "--steps", "4", "--decode", "topk", "--top-k", "3",
-              "--batch-size", "1", "-q"]
-    # exact token equality, as in the torchrun test: batch size 1 (no padding, the same shapes) and one thread
-    # here (conftest) and in each rank (OMP_NUM_THREADS=1), so both sides run the same kernels
-    assert torch.get_num_threads() == 1
-    single = tmp_path / "single.json"
-    assert runner.invoke(app, ["generate", *common, "-o", str(single)]).exit_code == 0
-    multi = tmp_path / "multi.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), "-m", "cli.main", "generate", *common, "-o", str(multi)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(Path(str(multi) + ".manifest.json").read_text())["world_size"] == 2
-    a, b = json.loads(single.read_text()), json.loads(multi.read_text())
-    assert [r["id"] for r in a] == [r["id"] for r in b]
-    assert [r["output"] for r in a] == [r["output"] for r in b]
