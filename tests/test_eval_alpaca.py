@@ -126,10 +126,8 @@ def test_eval_alpaca_rejects_unrelated_files(tmp_path, fake_judge):
     assert res.exit_code == 2 and "share no instruction" in res.stderr
 
 
-def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, monkeypatch):
-    """The second `difflm eval alpaca` over the same outputs reads the judge's cached annotations: it used to
-    crash (alpaca_eval 0.6.6 reads whole-number preferences back as int64, then sets draws to 1.5, which
-    pandas 3 refuses). Now it gives the same summary without asking the judge again."""
+def _count_judge_calls(monkeypatch) -> list[int]:
+    """Wrap the (fake) judge so the test sees how many prompts alpaca_eval sent it, call by call."""
     import alpaca_eval.decoders.openai as openai_decoder
 
     judge, judged = openai_decoder.openai_completions, []
@@ -139,6 +137,14 @@ def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, mo
         return judge(prompts, *args, **kwargs)
 
     monkeypatch.setattr(openai_decoder, "openai_completions", counting_judge)
+    return judged
+
+
+def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, monkeypatch):
+    """The second `difflm eval alpaca` over the same outputs reads the judge's cached annotations: it used to
+    crash (alpaca_eval 0.6.6 reads whole-number preferences back as int64, then sets draws to 1.5, which
+    pandas 3 refuses). Now it gives the same summary without asking the judge again."""
+    judged = _count_judge_calls(monkeypatch)
     ref = json.loads(REFERENCE.read_text())
     mine = [dict(r, id=f"alpaca_eval-{i}", generator="mine", output=(r["output"] + " and more") if i < 3 else "short")
             for i, r in enumerate(ref)]
@@ -167,15 +173,7 @@ def test_eval_alpaca_reruns_over_its_cached_annotations(tmp_path, fake_judge, mo
 
 def test_max_instances_judges_only_that_many_pairs(tmp_path, fake_judge, monkeypatch):
     """README: `--max-instances N` judges only N pairs (the judge sees 2 prompts, the summary and the cache 2)."""
-    import alpaca_eval.decoders.openai as openai_decoder
-
-    judge, judged = openai_decoder.openai_completions, []
-
-    def counting_judge(prompts, *args, **kwargs):
-        judged.append(len(prompts))
-        return judge(prompts, *args, **kwargs)
-
-    monkeypatch.setattr(openai_decoder, "openai_completions", counting_judge)
+    judged = _count_judge_calls(monkeypatch)
     ref = json.loads(REFERENCE.read_text())
     mine = [dict(r, id=f"alpaca_eval-{i}", generator="mine", output=r["output"] + " and more") for i, r in enumerate(ref)]
     out = tmp_path / "mine.json"

@@ -232,14 +232,28 @@ _DDP_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     from difflm.config import from_dict
-    from difflm.training import TrainRecipe, sft
+    from difflm.training import TrainRecipe, train
 
     cfg = from_dict(TrainRecipe, json.loads(sys.argv[1]))
-    result = sft(cfg)
+    result = train(cfg, sys.argv[3])  # "sft" or "r2ft"
     rank = int(os.environ["RANK"])
     torch.save({k: v.detach().clone() for k, v in result.model.module.state_dict().items()}, sys.argv[2] + f".rank{rank}")
     """
 )
+
+
+def _train_on_two_gloo_ranks(cfg, kind: str, tmp_path):
+    """Run `train(cfg, kind)` under `torchrun --nproc_per_node 2` (gloo): each rank's final weights."""
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    out = tmp_path / "w.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script), json.dumps(to_dict(cfg)), str(out), kind],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
 
 
 @pytest.mark.numerics
@@ -248,16 +262,7 @@ def test_two_processes_gloo_equal_one_process(tiny_native_llada_dir, tiny_data, 
     """2 CPU ranks (gloo, DDP) x micro-batch 1 x accumulation 2 == one process with micro-batch 4."""
     one = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "one", train={"micro_batch": 4}))
     cfg = recipe(tiny_native_llada_dir, tiny_data, tmp_path / "ddp", train={"micro_batch": 1})
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
-    out = tmp_path / "w.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(script), json.dumps(to_dict(cfg)), str(out)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
+    w0, w1 = _train_on_two_gloo_ranks(cfg, "sft", tmp_path)
     assert_same_weights(w0, w1)  # DDP really synchronised the gradients (the same all-reduced gradients and
     # optimiser on both ranks: bit-equal by construction)
     # other batch shapes (and gloo's all-reduce) than one process with micro-batch 4: a stated tolerance, as above
@@ -675,29 +680,15 @@ def test_resume_after_a_failed_checkpoint_save_uses_the_previous_one(tiny_native
     assert_same_weights(weights(one), weights(resumed))  # bit-equal, as in test_stop_and_resume_equals_one_run_full
 
 
-_R2FT_DDP_SCRIPT = _DDP_SCRIPT.replace("from difflm.training import TrainRecipe, sft", "from difflm.training import TrainRecipe, train").replace(
-    "result = sft(cfg)", "result = train(cfg, 'r2ft')")
-
-
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_r2ft_two_processes_gloo_equal_one_process(tiny_native_llada_dir, tiny_data, tmp_path):
     """R2FT runs under a launcher as the SFT does: 2 CPU ranks x micro-batch 1 x accumulation 2 == micro-batch 4."""
-    assert "train(cfg, 'r2ft')" in _R2FT_DDP_SCRIPT  # the script really runs R2FT
     start = sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "sft", train={"max_steps": 1})).final_dir
     r2 = {"span_min": 8, "span_max": 12}
     one = train(recipe(start, tiny_data, tmp_path / "one", train={"micro_batch": 4}, r2ft=r2), "r2ft")
     cfg = recipe(start, tiny_data, tmp_path / "ddp", train={"micro_batch": 1}, r2ft=r2)
-    script = tmp_path / "ddp.py"
-    script.write_text(_R2FT_DDP_SCRIPT)
-    out = tmp_path / "w.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(script), json.dumps(to_dict(cfg)), str(out)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    w0, w1 = torch.load(str(out) + ".rank0"), torch.load(str(out) + ".rank1")
+    w0, w1 = _train_on_two_gloo_ranks(cfg, "r2ft", tmp_path)
     assert_same_weights(w0, w1)  # the same all-reduced gradients and optimiser on both ranks: bit-equal
     # other batch shapes than one process: a stated tolerance, as in the SFT test above
     gap = relative_update_gap(w0, weights(one), start_weights(start))
