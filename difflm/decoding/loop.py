@@ -147,6 +147,7 @@ class _Decoder:
         self.kv = BlockCache(model, cfg.cache) if cfg.cache else None
         self.block = (0, self.L)  # the current block [start, end) in generated positions
         self.since_refresh: int | None = None  # None: the next forward refreshes the cache
+        self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -159,7 +160,9 @@ class _Decoder:
         self.x[:, self.plen :] = new
 
     def forward(self) -> torch.Tensor:
-        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied.
+        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied (over its
+        positions `logits_from`.. only, [B, L - logits_from, V], when a loop set it: greedy block decoding
+        reads nothing left of its block).
 
         Rows that have nothing left to decode in the current window (`self.rows` excludes them) are not run
         through the model: their logits rows keep the previous step's values, which nothing reads."""
@@ -196,9 +199,10 @@ class _Decoder:
 
     def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
         """The model's logits over the generated positions; a DiffusionLM is asked for those alone."""
+        keep = self.L - self.logits_from
         if getattr(self.model, "accepts_logits_to_keep", False):
-            return logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
-        return logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
+            return logits_of(self.model(x, attention_mask=attn, logits_to_keep=keep))[:, -keep:]
+        return logits_of(self.model(x, attention_mask=attn))[:, -keep:]
 
     def postprocess(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """MASK at -inf and the repetition penalty, on logits of all or a window of the positions
@@ -268,11 +272,22 @@ class _Decoder:
         """Positions of `window` still masked take the argmax of the last prediction (no extra NFE)."""
         left = (self.gen == self.mask_id) & window
         if left.any():
-            if self.last_logits is None:
-                self.rows = None
+            if self.last_logits is None or (self.logits_from and left[:, : self.logits_from].any()):
+                self.rows, self.logits_from = None, 0
                 self.forward()
-            self.set_gen(torch.where(left, self.last_logits.argmax(-1), self.gen))
+            lo = self.logits_from
+            self.put(lo, torch.where(left[:, lo:], self.last_logits.argmax(-1), self.gen[:, lo:]))
         return left.sum(1)
+
+    def put(self, lo: int, part: torch.Tensor) -> None:
+        """The generated positions lo.. become `part` (EOS fill applied to the whole answer)."""
+        if self.cfg.eos_fill or lo == 0:
+            new = self.gen.clone() if lo else part
+            if lo:
+                new[:, lo:] = part
+            self.set_gen(new)
+        else:
+            self.x[:, self.plen + lo :] = part
 
     def run_blocks(self, inner) -> None:
         block = self.cfg.effective_block_length()
@@ -312,24 +327,50 @@ class _Decoder:
     def run_confidence(self, window: torch.Tensor, n_steps: int) -> None:
         cfg = self.cfg
         tau = cfg.effective_threshold()
-        n_masked = ((self.gen == self.mask_id) & window).sum(1)
-        schedule = S.transfer_schedule(n_masked, n_steps) if tau is None else None
-        max_iter = n_steps if tau is None else int(window.sum(1).max().item())
+        greedy = self.temperature == 0 and cfg.remasking == "low_confidence"
+        # greedy decoding reads the logits of the block and right of it only (the model's head skips the
+        # rest); the sampled variants keep the whole region, so their noise draws stay as they were
+        lo = self.block[0] if greedy and self.kv is None else 0
+        self.logits_from, win = lo, window[:, lo:]
+        if tau is None:  # the schedule on the host (one sync per block): no per-step count reads
+            n_host = ((self.gen[:, lo:] == self.mask_id) & win).sum(1).tolist()
+            sched = [[n // n_steps + (1 if i < n % n_steps else 0) for i in range(n_steps)] for n in n_host]
+            schedule = torch.tensor(sched, dtype=torch.long, device=self.x.device).view(len(n_host), n_steps)
+            kmax = [max(col) for col in zip(*sched)] if sched else [0] * n_steps
+            # every row has the same masked positions count and commits the same number each step (no EOS
+            # fill changes the masks): the greedy commit sorts a [B, per_row] confidence
+            uniform = not cfg.eos_fill and len(set(n_host)) == 1
+        max_iter = n_steps if tau is None else int(win.sum(1).max().item())
         for i in range(max_iter):
-            region = (self.gen == self.mask_id) & window
+            region = (self.gen[:, lo:] == self.mask_id) & win
             if not self.select_rows(region):
                 break
             logits = self.forward()
-            counts = torch.minimum(schedule[:, i], region.sum(1)) if tau is None else None
+            counts, k = (schedule[:, i], kmax[i]) if tau is None else (None, None)
             scale = self.conv_scales()
-            if self.temperature == 0 and cfg.remasking == "low_confidence":  # float32 first, float64 where it decides
-                x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale)
+            if scale is not None and lo:
+                scale = scale[:, lo:]
+            if greedy:  # float32 first, float64 where it decides; float64 directly when the work is small
+                rows, cols = region.nonzero(as_tuple=True)
+                if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
+                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform else None
+                    vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
+                                              tau=tau, scale=scale)
+                    if cfg.eos_fill:
+                        new = self.gen.clone()
+                        new[:, lo:][rows, cols] = vals
+                        self.set_gen(new)
+                    else:  # committing MASK at a masked position changes nothing
+                        self.x[:, self.plen + lo :][rows, cols] = vals
+                    self.notify()
+                    continue
+                x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale, kmax=k)
             else:
                 x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
                 if scale is not None:
                     conf = torch.where(region, conf * scale, conf)
-                sel = S.commit_top(conf, counts) if tau is None else S.commit_threshold(conf, tau)
-            self.set_gen(torch.where(sel, x0, self.gen))
+                sel = S.commit_top(conf, counts, k) if tau is None else S.commit_threshold(conf, tau)
+            self.put(lo, torch.where(sel, x0, self.gen[:, lo:]))
             self.notify()
 
 
