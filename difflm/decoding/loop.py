@@ -147,6 +147,7 @@ class _Decoder:
         self.kv = BlockCache(model, cfg.cache) if cfg.cache else None
         self.block = (0, self.L)  # the current block [start, end) in generated positions
         self.since_refresh: int | None = None  # None: the next forward refreshes the cache
+        self.conv_bounds = None  # `conv.conv_bounds` of the sequence, made at the first `conv_scales`
         self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -249,7 +250,9 @@ class _Decoder:
         if not self.method.conv:
             return None
         k = self.cfg.effective_kernel_size()
-        return conv.window_scales(self.x, self.valid, self.mask_id, self.plen, k, self.cfg.conv_mult)
+        if self.conv_bounds is None:  # the window's index bounds, once per generate call
+            self.conv_bounds = conv.conv_bounds(self.x.shape[1], k, self.x.device)
+        return conv.window_scales(self.x, self.valid, self.mask_id, self.plen, k, self.cfg.conv_mult, self.conv_bounds)
 
     def whole(self) -> torch.Tensor:
         """The window of every generated position (methods without blocks)."""
@@ -346,7 +349,7 @@ class _Decoder:
             if not self.select_rows(region):
                 break
             logits = self.forward()
-            counts, k = (schedule[:, i], kmax[i]) if tau is None else (None, None)
+            k = kmax[i] if tau is None else None
             scale = self.conv_scales()
             if scale is not None and lo:
                 scale = scale[:, lo:]
@@ -354,6 +357,7 @@ class _Decoder:
                 rows, cols = region.nonzero(as_tuple=True)
                 if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
                     per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform else None
+                    counts = schedule[:, i] if tau is None and per_row is None else None
                     vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
                                               tau=tau, scale=scale)
                     if cfg.eos_fill:
@@ -364,8 +368,10 @@ class _Decoder:
                         self.x[:, self.plen + lo :][rows, cols] = vals
                     self.notify()
                     continue
+                counts = schedule[:, i] if tau is None else None
                 x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale, kmax=k)
             else:
+                counts = schedule[:, i] if tau is None else None
                 x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
                 if scale is not None:
                     conf = torch.where(region, conf * scale, conf)

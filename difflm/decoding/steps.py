@@ -347,7 +347,7 @@ def greedy_commit_at(
     [B, per_row]; else with `tau` and one row, a threshold over the positions; else `commit_top` /
     `commit_threshold` over a [B, L] confidence tensor."""
     b, n, v = logits.shape
-    flat = rows * n + cols
+    flat = cols if b == 1 else rows * n + cols
     z = torch.index_select(logits.reshape(-1, v), 0, flat)
     # the float64 probability of the argmax is the largest one (see `_region_max`): an amax, no index
     # tracking (an index-tracking max over [N, V] costs several times more); the argmax is taken at the
@@ -357,7 +357,7 @@ def greedy_commit_at(
         c = c * scale.reshape(-1)[flat]
     if tau is None and per_row is not None and rows.numel() == b * per_row:
         order = torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True).indices[:, :kmax]
-        pick = (order + torch.arange(0, b * per_row, per_row, device=c.device)[:, None]).view(-1)
+        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=c.device)[:, None]).view(-1)
     else:
         if tau is not None and b == 1:
             keep = c >= tau  # and the most confident position (argmax: the first maximum, as `_best`)
