@@ -908,14 +908,19 @@ def test_every_method_is_one_registry_line_with_a_runner():
     assert set(C.BLOCK_METHODS) == {"llada", "semi_ar", "threshold"}
 
 
+@pytest.mark.parametrize("narrow_from", [0, 1 << 40])
 @pytest.mark.parametrize("exact_below", [0, 1 << 30])
-def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypatch, exact_below):
-    """Greedy llada / threshold read the logits of the current block and right of it only: a model that
-    takes `logits_to_keep` is asked for L - block_start positions, and the tokens equal those of the same
+def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypatch, exact_below, narrow_from):
+    """Greedy llada / threshold read the logits from the first masked position of the current block on: a
+    model that takes `logits_to_keep` is asked for at most L - block_start positions, and the tokens equal those of the same
     model asked for every position (the logits of a position do not depend on how many are kept, so the
     tokens must be identical; a misaligned window commits other tokens). Batch 3, so the per-row paths run;
-    both commit paths (float32-first and small-work float64)."""
+    both commit paths (float32-first and small-work float64), with and without the per-step narrowing to the
+    first masked position (llada_conv too: its window is the whole answer)."""
+    from difflm.decoding import loop
+
     monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(loop, "_NARROW_EACH_STEP_FROM", narrow_from)
     v = 40
     table = torch.randn(7, v, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -935,9 +940,14 @@ def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypa
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6], [2, 2, 2]])
     for cfg in (DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8),
                 DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=0.5),
-                DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8, eos_fill=True)):
+                DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8, eos_fill=True),
+                DecodeConfig(method="llada_conv", gen_length=16, steps=8, kernel_size=5)):
         keeps: list[int] = []
         narrow = generate(Lookup(keeps), prompt, cfg, mask_id=MASK, eos_id=EOS).sequences
         full = generate(Lookup(None), prompt, cfg, mask_id=MASK, eos_id=EOS).sequences
         assert torch.equal(narrow, full), cfg
-        assert keeps[0] == 16 and keeps[-1] == 8 and set(keeps) == {16, 8}, keeps
+        if cfg.method == "llada_conv":  # one window: narrowed as its left positions are decoded, or not
+            assert keeps[0] == 16 and (min(keeps) < 16) == (narrow_from == 0), keeps
+        else:  # block 1 from position 0 on, block 2 from its start (8) or its first masked position on
+            assert keeps[0] == 16 and 8 in keeps and all(k <= 8 for k in keeps[keeps.index(8):]), keeps
+            assert (min(keeps) < 8) == (narrow_from == 0), keeps

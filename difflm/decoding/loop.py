@@ -25,6 +25,10 @@ from difflm.models.ids import stop_ids_from
 from difflm.seeding import item_seed
 
 _T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
+#: greedy confidence decoding asks the model for the logits from the first masked position on, found every
+#: step, when the window's logits are at least this many (B x positions x V); below, a few more kernels per
+#: step cost more than the smaller head saves (measured at V 2048, batch 1), and the block's start is the bound
+_NARROW_EACH_STEP_FROM = 1 << 20
 
 
 @dataclass
@@ -214,10 +218,16 @@ class _Decoder:
             S.apply_repetition_penalty(logits, x, valid & (x != self.mask_id), self.cfg.repetition_penalty)
         return logits
 
-    def select_rows(self, region: torch.Tensor) -> bool:
+    def select_rows(self, region: torch.Tensor, first: list[int] | None = None) -> bool:
         """Set `self.rows` to the rows with masked positions left in `region`; False when there are none.
-        One host-device sync per step (it replaces the `region.any()` test every loop needs anyway)."""
-        self.active = S.active_rows(region)
+        One host-device sync per step (it replaces the `region.any()` test every loop needs anyway).
+        first: a list to receive each row's first region position (region.shape[1]: none), in the same sync."""
+        if first is None:
+            self.active = S.active_rows(region)
+        else:
+            has = region.any(1)
+            first[:] = torch.where(has, region.int().argmax(1), region.shape[1]).tolist()
+            self.active = [f < region.shape[1] for f in first]
         n = sum(self.active)
         if n == len(self.active) or self.kv is not None:
             self.rows = None
@@ -331,23 +341,35 @@ class _Decoder:
         cfg = self.cfg
         tau = cfg.effective_threshold()
         greedy = self.temperature == 0 and cfg.remasking == "low_confidence"
-        # greedy decoding reads the logits of the block and right of it only (the model's head skips the
-        # rest); the sampled variants keep the whole region, so their noise draws stay as they were
-        lo = self.block[0] if greedy and self.kv is None else 0
-        self.logits_from, win = lo, window[:, lo:]
+        # greedy decoding reads the logits from the first masked position of the window on (the model's
+        # head skips the rest; the block's start is the first bound); the sampled variants keep the whole
+        # region, so their noise draws stay as they were
+        can_narrow = greedy and self.kv is None
+        lo0 = self.block[0] if can_narrow else 0
+        bxl = self.x.shape[0] * (self.L - lo0)
+        self.logits_from, win0 = lo0, window[:, lo0:]
+        lo = lo0
+        first: list[int] = []
         if tau is None:  # the schedule on the host (one sync per block): no per-step count reads
-            n_host = ((self.gen[:, lo:] == self.mask_id) & win).sum(1).tolist()
+            n_host = ((self.gen[:, lo0:] == self.mask_id) & win0).sum(1).tolist()
             sched = [[n // n_steps + (1 if i < n % n_steps else 0) for i in range(n_steps)] for n in n_host]
             schedule = torch.tensor(sched, dtype=torch.long, device=self.x.device).view(len(n_host), n_steps)
             kmax = [max(col) for col in zip(*sched)] if sched else [0] * n_steps
             # every row has the same masked positions count and commits the same number each step (no EOS
             # fill changes the masks): the greedy commit sorts a [B, per_row] confidence
             uniform = not cfg.eos_fill and len(set(n_host)) == 1
-        max_iter = n_steps if tau is None else int(win.sum(1).max().item())
+        max_iter = n_steps if tau is None else int(win0.sum(1).max().item())
         for i in range(max_iter):
-            region = (self.gen[:, lo:] == self.mask_id) & win
-            if not self.select_rows(region):
+            region = (self.gen[:, lo0:] == self.mask_id) & win0
+            # the vocabulary from the last forward (before the first one, everything is masked anyway)
+            narrow = can_narrow and self.last_logits is not None and (
+                bxl * self.last_logits.shape[-1] >= _NARROW_EACH_STEP_FROM)
+            if not self.select_rows(region, first if narrow else None):
                 break
+            if narrow:  # from the first masked position of any row still decoding
+                f = min(f for f, on in zip(first, self.active) if on)
+                lo, region = lo0 + f, region[:, f:]
+                self.logits_from = lo
             logits = self.forward()
             k = kmax[i] if tau is None else None
             scale = self.conv_scales()
