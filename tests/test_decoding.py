@@ -906,3 +906,48 @@ def test_every_method_is_one_registry_line_with_a_runner():
         assert (m.runner is None) == (m.kind == "ar"), name
     assert set(C.CONV_METHODS) == {"conv", "llada_conv", "remdm_conv"}
     assert set(C.BLOCK_METHODS) == {"llada", "semi_ar", "threshold"}
+
+
+@pytest.mark.parametrize("narrow_from", [0, 1 << 40])
+@pytest.mark.parametrize("exact_below", [0, 1 << 30])
+def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypatch, exact_below, narrow_from):
+    """Greedy llada / threshold read the logits from the first masked position of the current block on: a
+    model that takes `logits_to_keep` is asked for at most L - block_start positions, and the tokens equal those of the same
+    model asked for every position (the logits of a position do not depend on how many are kept, so the
+    tokens must be identical; a misaligned window commits other tokens). Batch 3, so the per-row paths run;
+    both commit paths (float32-first and small-work float64), with and without the per-step narrowing to the
+    first masked position (llada_conv too: its window is the whole answer)."""
+    from difflm.decoding import loop
+
+    monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(loop, "_NARROW_EACH_STEP_FROM", narrow_from)
+    v = 40
+    table = torch.randn(7, v, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    class Lookup(torch.nn.Module):  # position i's logits: a table row chosen by its left neighbour, scaled by i
+        def __init__(self, keeps):
+            super().__init__()
+            self.keeps, self.accepts_logits_to_keep = keeps, keeps is not None
+
+        def forward(self, x, attention_mask=None, logits_to_keep=None):
+            out = table[(x.roll(1, 1) % 7)] * (1 + torch.arange(x.shape[1], dtype=torch.float64)[:, None] / 10)
+            out[..., MASK] = float("-inf")
+            if logits_to_keep:
+                self.keeps.append(logits_to_keep)
+                out = out[:, -logits_to_keep:]
+            return out
+
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6], [2, 2, 2]])
+    for cfg in (DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8),
+                DecodeConfig(method="threshold", gen_length=16, block_length=8, threshold=0.5),
+                DecodeConfig(method="llada", gen_length=16, steps=8, block_length=8, eos_fill=True),
+                DecodeConfig(method="llada_conv", gen_length=16, steps=8, kernel_size=5)):
+        keeps: list[int] = []
+        narrow = generate(Lookup(keeps), prompt, cfg, mask_id=MASK, eos_id=EOS).sequences
+        full = generate(Lookup(None), prompt, cfg, mask_id=MASK, eos_id=EOS).sequences
+        assert torch.equal(narrow, full), cfg
+        if cfg.method == "llada_conv":  # one window: narrowed as its left positions are decoded, or not
+            assert keeps[0] == 16 and (min(keeps) < 16) == (narrow_from == 0), keeps
+        else:  # block 1 from position 0 on, block 2 from its start (8) or its first masked position on
+            assert keeps[0] == 16 and 8 in keeps and all(k <= 8 for k in keeps[keeps.index(8):]), keeps
+            assert (min(keeps) < 8) == (narrow_from == 0), keeps

@@ -19,18 +19,23 @@ def effective_kernel_size(kernel_size: int | None, block_length: int | None, gen
     return k + 1 if k % 2 == 0 else k
 
 
-def conv_counts(known: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def conv_bounds(n: int, kernel_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) [N]: the window of position i is [lo_i, hi_i) of a length-N sequence (`conv_counts`)."""
+    h = (kernel_size - 1) // 2
+    idx = torch.arange(n, device=device)
+    return (idx + h + 1).clamp(max=n), (idx - h).clamp(min=0)
+
+
+def conv_counts(
+    known: torch.Tensor, kernel_size: int, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """u_i = number of known tokens j with |j - i| <= (K-1)/2 (zero padding at the edges).
 
     known: [B, N] bool (decoded or prompt, padding excluded). Exact integer arithmetic via cumulative sums.
+    bounds: `conv_bounds(N, kernel_size)` if the caller keeps it (a decoding loop: same N every step).
     """
-    h = (kernel_size - 1) // 2
-    b, n = known.shape
-    cs = torch.zeros(b, n + 1, dtype=torch.long, device=known.device)
-    cs[:, 1:] = known.long().cumsum(1)
-    idx = torch.arange(n, device=known.device)
-    hi = (idx + h + 1).clamp(max=n)
-    lo = (idx - h).clamp(min=0)
+    hi, lo = conv_bounds(known.shape[1], kernel_size, known.device) if bounds is None else bounds
+    cs = torch.nn.functional.pad(known.long().cumsum(1), (1, 0))
     return cs[:, hi] - cs[:, lo]
 
 
@@ -40,9 +45,10 @@ def conv_scale(u: torch.Tensor, conv_mult: float) -> torch.Tensor:
 
 
 def window_scales(
-    x: torch.Tensor, valid: torch.Tensor, mask_id: int, prompt_length: int, kernel_size: int, conv_mult: float
+    x: torch.Tensor, valid: torch.Tensor, mask_id: int, prompt_length: int, kernel_size: int, conv_mult: float,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """s_i [B, L] float64 over the generated positions of the full sequences x [B, P + L] (the window sees
     the prompt too); `valid` is False at left padding."""
     known = valid & (x != mask_id)
-    return conv_scale(conv_counts(known, kernel_size)[:, prompt_length:], conv_mult)
+    return conv_scale(conv_counts(known, kernel_size, bounds)[:, prompt_length:], conv_mult)

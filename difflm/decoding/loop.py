@@ -25,6 +25,10 @@ from difflm.models.ids import stop_ids_from
 from difflm.seeding import item_seed
 
 _T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
+#: greedy confidence decoding asks the model for the logits from the first masked position on, found every
+#: step, when the window's logits are at least this many (B x positions x V); below, a few more kernels per
+#: step cost more than the smaller head saves (measured at V 2048, batch 1), and the block's start is the bound
+_NARROW_EACH_STEP_FROM = 1 << 20
 
 
 @dataclass
@@ -147,6 +151,8 @@ class _Decoder:
         self.kv = BlockCache(model, cfg.cache) if cfg.cache else None
         self.block = (0, self.L)  # the current block [start, end) in generated positions
         self.since_refresh: int | None = None  # None: the next forward refreshes the cache
+        self.conv_bounds = None  # `conv.conv_bounds` of the sequence, made at the first `conv_scales`
+        self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -159,7 +165,9 @@ class _Decoder:
         self.x[:, self.plen :] = new
 
     def forward(self) -> torch.Tensor:
-        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied.
+        """Logits over the generated region [B, L, V] in float32, MASK at -inf, penalties applied (over its
+        positions `logits_from`.. only, [B, L - logits_from, V], when a loop set it: greedy block decoding
+        reads nothing left of its block).
 
         Rows that have nothing left to decode in the current window (`self.rows` excludes them) are not run
         through the model: their logits rows keep the previous step's values, which nothing reads."""
@@ -196,9 +204,10 @@ class _Decoder:
 
     def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
         """The model's logits over the generated positions; a DiffusionLM is asked for those alone."""
+        keep = self.L - self.logits_from
         if getattr(self.model, "accepts_logits_to_keep", False):
-            return logits_of(self.model(x, attention_mask=attn, logits_to_keep=self.L))
-        return logits_of(self.model(x, attention_mask=attn))[:, self.plen :]
+            return logits_of(self.model(x, attention_mask=attn, logits_to_keep=keep))[:, -keep:]
+        return logits_of(self.model(x, attention_mask=attn))[:, -keep:]
 
     def postprocess(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """MASK at -inf and the repetition penalty, on logits of all or a window of the positions
@@ -209,10 +218,16 @@ class _Decoder:
             S.apply_repetition_penalty(logits, x, valid & (x != self.mask_id), self.cfg.repetition_penalty)
         return logits
 
-    def select_rows(self, region: torch.Tensor) -> bool:
+    def select_rows(self, region: torch.Tensor, first: list[int] | None = None) -> bool:
         """Set `self.rows` to the rows with masked positions left in `region`; False when there are none.
-        One host-device sync per step (it replaces the `region.any()` test every loop needs anyway)."""
-        self.active = S.active_rows(region)
+        One host-device sync per step (it replaces the `region.any()` test every loop needs anyway).
+        first: a list to receive each row's first region position (region.shape[1]: none), in the same sync."""
+        if first is None:
+            self.active = S.active_rows(region)
+        else:
+            has = region.any(1)
+            first[:] = torch.where(has, region.int().argmax(1), region.shape[1]).tolist()
+            self.active = [f < region.shape[1] for f in first]
         n = sum(self.active)
         if n == len(self.active) or self.kv is not None:
             self.rows = None
@@ -245,7 +260,9 @@ class _Decoder:
         if not self.method.conv:
             return None
         k = self.cfg.effective_kernel_size()
-        return conv.window_scales(self.x, self.valid, self.mask_id, self.plen, k, self.cfg.conv_mult)
+        if self.conv_bounds is None:  # the window's index bounds, once per generate call
+            self.conv_bounds = conv.conv_bounds(self.x.shape[1], k, self.x.device)
+        return conv.window_scales(self.x, self.valid, self.mask_id, self.plen, k, self.cfg.conv_mult, self.conv_bounds)
 
     def whole(self) -> torch.Tensor:
         """The window of every generated position (methods without blocks)."""
@@ -268,11 +285,22 @@ class _Decoder:
         """Positions of `window` still masked take the argmax of the last prediction (no extra NFE)."""
         left = (self.gen == self.mask_id) & window
         if left.any():
-            if self.last_logits is None:
-                self.rows = None
+            if self.last_logits is None or (self.logits_from and left[:, : self.logits_from].any()):
+                self.rows, self.logits_from = None, 0
                 self.forward()
-            self.set_gen(torch.where(left, self.last_logits.argmax(-1), self.gen))
+            lo = self.logits_from
+            self.put(lo, torch.where(left[:, lo:], self.last_logits.argmax(-1), self.gen[:, lo:]))
         return left.sum(1)
+
+    def put(self, lo: int, part: torch.Tensor) -> None:
+        """The generated positions lo.. become `part` (EOS fill applied to the whole answer)."""
+        if self.cfg.eos_fill or lo == 0:
+            new = self.gen.clone() if lo else part
+            if lo:
+                new[:, lo:] = part
+            self.set_gen(new)
+        else:
+            self.x[:, self.plen + lo :] = part
 
     def run_blocks(self, inner) -> None:
         block = self.cfg.effective_block_length()
@@ -312,24 +340,65 @@ class _Decoder:
     def run_confidence(self, window: torch.Tensor, n_steps: int) -> None:
         cfg = self.cfg
         tau = cfg.effective_threshold()
-        n_masked = ((self.gen == self.mask_id) & window).sum(1)
-        schedule = S.transfer_schedule(n_masked, n_steps) if tau is None else None
-        max_iter = n_steps if tau is None else int(window.sum(1).max().item())
+        greedy = self.temperature == 0 and cfg.remasking == "low_confidence"
+        # greedy decoding reads the logits from the first masked position of the window on (the model's
+        # head skips the rest; the block's start is the first bound); the sampled variants keep the whole
+        # region, so their noise draws stay as they were
+        can_narrow = greedy and self.kv is None
+        lo0 = self.block[0] if can_narrow else 0
+        bxl = self.x.shape[0] * (self.L - lo0)
+        self.logits_from, win0 = lo0, window[:, lo0:]
+        lo = lo0
+        first: list[int] = []
+        if tau is None:  # the schedule on the host (one sync per block): no per-step count reads
+            n_host = ((self.gen[:, lo0:] == self.mask_id) & win0).sum(1).tolist()
+            sched = [[n // n_steps + (1 if i < n % n_steps else 0) for i in range(n_steps)] for n in n_host]
+            schedule = torch.tensor(sched, dtype=torch.long, device=self.x.device).view(len(n_host), n_steps)
+            kmax = [max(col) for col in zip(*sched)] if sched else [0] * n_steps
+            # every row has the same masked positions count and commits the same number each step (no EOS
+            # fill changes the masks): the greedy commit sorts a [B, per_row] confidence
+            uniform = not cfg.eos_fill and len(set(n_host)) == 1
+        max_iter = n_steps if tau is None else int(win0.sum(1).max().item())
         for i in range(max_iter):
-            region = (self.gen == self.mask_id) & window
-            if not self.select_rows(region):
+            region = (self.gen[:, lo0:] == self.mask_id) & win0
+            # the vocabulary from the last forward (before the first one, everything is masked anyway)
+            narrow = can_narrow and self.last_logits is not None and (
+                bxl * self.last_logits.shape[-1] >= _NARROW_EACH_STEP_FROM)
+            if not self.select_rows(region, first if narrow else None):
                 break
+            if narrow:  # from the first masked position of any row still decoding
+                f = min(f for f, on in zip(first, self.active) if on)
+                lo, region = lo0 + f, region[:, f:]
+                self.logits_from = lo
             logits = self.forward()
-            counts = torch.minimum(schedule[:, i], region.sum(1)) if tau is None else None
+            k = kmax[i] if tau is None else None
             scale = self.conv_scales()
-            if self.temperature == 0 and cfg.remasking == "low_confidence":  # float32 first, float64 where it decides
-                x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale)
+            if scale is not None and lo:
+                scale = scale[:, lo:]
+            if greedy:  # float32 first, float64 where it decides; float64 directly when the work is small
+                rows, cols = region.nonzero(as_tuple=True)
+                if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
+                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform else None
+                    counts = schedule[:, i] if tau is None and per_row is None else None
+                    vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
+                                              tau=tau, scale=scale)
+                    if cfg.eos_fill:
+                        new = self.gen.clone()
+                        new[:, lo:][rows, cols] = vals
+                        self.set_gen(new)
+                    else:  # committing MASK at a masked position changes nothing
+                        self.x[:, self.plen + lo :][rows, cols] = vals
+                    self.notify()
+                    continue
+                counts = schedule[:, i] if tau is None else None
+                x0, sel = S.greedy_commit(logits, region, counts=counts, tau=tau, scale=scale, kmax=k)
             else:
+                counts = schedule[:, i] if tau is None else None
                 x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
                 if scale is not None:
                     conf = torch.where(region, conf * scale, conf)
-                sel = S.commit_top(conf, counts) if tau is None else S.commit_threshold(conf, tau)
-            self.set_gen(torch.where(sel, x0, self.gen))
+                sel = S.commit_top(conf, counts, k) if tau is None else S.commit_threshold(conf, tau)
+            self.put(lo, torch.where(sel, x0, self.gen[:, lo:]))
             self.notify()
 
 

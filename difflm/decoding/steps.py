@@ -293,7 +293,7 @@ GREEDY_EXACT_BELOW = 1 << 17
 
 def greedy_commit(
     logits: torch.Tensor, region: torch.Tensor, *, counts: torch.Tensor | None = None, tau: float | None = None,
-    scale: torch.Tensor | None = None, exact: bool = False,
+    scale: torch.Tensor | None = None, exact: bool = False, kmax: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy low-confidence commit (temperature 0): (x0 [B, L], bool [B, L] positions to commit).
 
@@ -305,9 +305,10 @@ def greedy_commit(
     recomputed in float64 before deciding again. A position certified by the bound is on the same side of
     the boundary in float64, so the commit equals the all-float64 one (ties included: those are always
     recomputed). exact=True: float64 throughout. Below `GREEDY_EXACT_BELOW` logits (region positions x V)
-    the float64 softmax is taken directly, x0 then given at every region position."""
+    the float64 softmax is taken directly, x0 then given at every region position. kmax: max(counts) if the
+    caller knows it (saves a host sync)."""
     def pick(c):
-        return commit_top(c, counts) if tau is None else commit_threshold(c, tau)
+        return commit_top(c, counts, kmax) if tau is None else commit_threshold(c, tau)
 
     v = logits.shape[-1]
     flat = region.reshape(-1).nonzero().squeeze(1)
@@ -332,6 +333,43 @@ def greedy_commit(
             conf = torch.where(redo, finish(exact_conf), conf)
             sel = pick(conf)
     return argmax_at(logits, sel), sel
+
+
+def greedy_commit_at(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mask_id: int, *, counts: torch.Tensor | None = None,
+    kmax: int | None = None, per_row: int | None = None, tau: float | None = None, scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`greedy_commit`'s small-work path (float64 softmax directly) in few kernels, for the region positions
+    (rows, cols) (`region.nonzero(as_tuple=True)`, row-major): the new value of each of them, [N] long: its
+    argmax token where it commits, `mask_id` (it stays masked) elsewhere. The same decision as
+    `greedy_commit`. per_row: every row of logits has exactly per_row region positions and commits `kmax`
+    of them (llada without EOS fill: the caller knows it from the schedule), so the top-k is one sort of
+    [B, per_row]; else with `tau` and one row, a threshold over the positions; else `commit_top` /
+    `commit_threshold` over a [B, L] confidence tensor."""
+    b, n, v = logits.shape
+    flat = cols if b == 1 else rows * n + cols
+    z = torch.index_select(logits.reshape(-1, v), 0, flat)
+    # the float64 probability of the argmax is the largest one (see `_region_max`): an amax, no index
+    # tracking (an index-tracking max over [N, V] costs several times more); the argmax is taken at the
+    # committed positions only
+    c = torch.softmax(z.double(), -1).amax(-1)
+    if scale is not None:
+        c = c * scale.reshape(-1)[flat]
+    if tau is None and per_row is not None and rows.numel() == b * per_row:
+        order = torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True).indices[:, :kmax]
+        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=c.device)[:, None]).view(-1)
+    else:
+        if tau is not None and b == 1:
+            keep = c >= tau  # and the most confident position (argmax: the first maximum, as `_best`)
+            keep[c.argmax()] = True
+        else:
+            conf = torch.full((b, n), float("-inf"), dtype=torch.float64, device=c.device)
+            conf.view(-1)[flat] = c
+            keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
+        pick = keep.nonzero().squeeze(1)
+    vals = torch.full_like(flat, mask_id)
+    vals[pick] = torch.index_select(z, 0, pick).argmax(-1)
+    return vals
 
 
 def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
@@ -372,9 +410,12 @@ def softmax_at(
     return conf
 
 
-def commit_top(conf: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bool [B, L]: the counts[b] most confident positions of each row (ties: lowest index first)."""
-    kmax = int(counts.max().item()) if counts.numel() else 0
+def commit_top(conf: torch.Tensor, counts: torch.Tensor, kmax: int | None = None) -> torch.Tensor:
+    """bool [B, L]: the counts[b] most confident positions of each row (ties: lowest index first).
+    kmax: an upper bound of max(counts) known on the host (else read from counts: a host sync)."""
+    if kmax is None:
+        kmax = int(counts.max().item()) if counts.numel() else 0
+    kmax = min(kmax, conf.shape[1])
     sel = torch.zeros(conf.shape, dtype=torch.bool, device=conf.device)
     if kmax == 0:
         return sel
