@@ -22,7 +22,7 @@ from difflm.decoding.methods import REGISTRY
 from difflm.errors import ConfigError
 from difflm.models.base import logits_of
 from difflm.models.ids import stop_ids_from
-from difflm.seeding import item_seed
+from difflm.seeding import item_seed, seeded_generator
 
 _T_EPS = 1e-5  # the time grid ends at t = 1e-5 (MDLM/LLaDA convention)
 #: greedy confidence decoding asks the model for the logits from the first masked position on, found every
@@ -42,12 +42,8 @@ class GenerateOutput:
 
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(s))
-        gens.append(g)
-    return gens
+    """One generator per row, on `device`, seeded with that row's seed."""
+    return [seeded_generator(s, device) for s in seeds]
 
 
 def _remdm_alpha(t: float, cfg: DecodeConfig) -> float:
