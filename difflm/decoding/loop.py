@@ -446,7 +446,7 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
         if temperature > 0:
             probs = warpers(seq, logits).softmax(-1)
             cdf = probs.cumsum(-1)
-            u = torch.cat([torch.rand(1, generator=g, device=device, dtype=cdf.dtype) for g in gens])
+            u = S._rand(gens, (1,), device, dtype=cdf.dtype).squeeze(1)  # one uniform per row, its own generator
             nxt = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
             nxt = nxt.clamp(max=cdf.shape[1] - 1)
         else:
