@@ -35,6 +35,7 @@ __all__ = [
     "COT_SUFFIX",
     "PROMPT_FORMATS",
     "chat_messages",
+    "conversation_ids",
     "encode_prompt",
     "encode_text",
     "format_prompt",
@@ -143,3 +144,29 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of prompt text with no special tokens added: the templates carry their own (a chat
     template's BOS and headers are strings in the text that map to their ids)."""
     return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def _transcript(messages: Messages) -> str:
+    """A multi-turn conversation as one instruction, for a format with no chat template: the earlier
+    turns as "Role: text" lines, then the last user message."""
+    *earlier, last = messages
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in earlier]
+    return "\n".join(lines + [last["content"]]) if lines else last["content"]
+
+
+def conversation_ids(model: Any, messages: Messages, fmt: str = "chat") -> list[int]:
+    """Token ids of a multi-turn conversation (OpenAI-style messages ending with a user turn), ready
+    for the assistant's answer: what `difflm serve`'s /v1/chat/completions and `difflm chat` decode.
+
+    ``fmt="chat"`` uses the model's chat template (`model.chat_ids`); a model whose tokenizer has none
+    (the embedded models) and any other format get `format_prompt(transcript, fmt=...)`, where the
+    transcript is the earlier turns as "User: ..." / "Assistant: ..." lines followed by the last message.
+    """
+    _check_format(fmt)
+    if not messages or messages[-1].get("role") != "user":
+        raise ConfigError("messages must end with a user message", key="messages")
+    tok = getattr(model, "tokenizer", None)
+    if fmt == "chat" and getattr(tok, "chat_template", None):
+        return [int(i) for i in model.chat_ids(messages)]
+    text_fmt = "alpaca" if fmt == "chat" else fmt
+    return encode_text(tok, format_prompt(_transcript(messages), None, text_fmt))

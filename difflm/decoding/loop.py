@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -82,12 +82,16 @@ def generate(
     row_seeds: list[int] | None = None,
     callback: Callable[[dict], None] | None = None,
     max_length: int | None = None,
+    cancelled: Callable[[], Sequence[bool]] | None = None,
 ) -> GenerateOutput:
     """Decode `config.gen_length` tokens after each (left-padded) prompt.
 
     mask_id / eos_id / eot_id default to `model.ids` when the model is a `DiffusionLM`. `row_seeds` gives
     each row its own noise (default: derived from `config.seed` and the row index). `callback(event)` is
     called after every step with {"step", "nfe", "x"} (x: the full current sequences), e.g. for a live view.
+    `cancelled()`, asked before every step, gives one flag per row: a flagged row stops decoding (it leaves
+    the forward pass and draws no more noise, as a finished row does, so the other rows' outputs do not
+    change); its remaining masked positions become EOS. Diffusion decoders only.
     """
     check_method_family(config.method, getattr(model, "family", None), getattr(model, "name", None))
     ids = getattr(model, "ids", None)
@@ -115,7 +119,9 @@ def generate(
         return _generate_ar(model, input_ids, attention_mask, config, eos_id, eot_id, row_seeds)
     if mask_id is None:
         raise ConfigError("mask_id is required for diffusion decoding", key="mask_id")
-    return _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback).run()
+    dec = _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback)
+    dec.cancelled = cancelled
+    return dec.run()
 
 
 class _Decoder:
@@ -149,6 +155,8 @@ class _Decoder:
         self.since_refresh: int | None = None  # None: the next forward refreshes the cache
         self.conv_bounds = None  # `conv.conv_bounds` of the sequence, made at the first `conv_scales`
         self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
+        self.cancelled: Callable[[], Sequence[bool]] | None = None  # see `generate`
+        self.dropped: set[int] = set()  # rows stopped by `cancelled`
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -218,6 +226,8 @@ class _Decoder:
         """Set `self.rows` to the rows with masked positions left in `region`; False when there are none.
         One host-device sync per step (it replaces the `region.any()` test every loop needs anyway).
         first: a list to receive each row's first region position (region.shape[1]: none), in the same sync."""
+        if self.cancelled is not None:
+            self.cancel_rows(region)
         if first is None:
             self.active = S.active_rows(region)
         else:
@@ -230,6 +240,16 @@ class _Decoder:
         else:
             self.rows = torch.tensor([i for i, on in enumerate(self.active) if on], device=self.x.device)
         return n > 0
+
+    def cancel_rows(self, region: torch.Tensor) -> None:
+        """Rows newly flagged by `cancelled()` become finished rows: their masked answer positions turn EOS
+        and leave `region` (in place), so they skip the forward pass and draw no noise from here on."""
+        for i, c in enumerate(self.cancelled()):
+            if c and i not in self.dropped:
+                self.dropped.add(i)
+                row = self.x[i, self.plen :]
+                row[row == self.mask_id] = self.eos_id
+                region[i] = False
 
     def forward_cached(self) -> torch.Tensor:
         """Block methods with `cache`: a full pass at each block start (and every `cache_refresh` steps),
@@ -374,7 +394,7 @@ class _Decoder:
             if greedy:  # float32 first, float64 where it decides; float64 directly when the work is small
                 rows, cols = region.nonzero(as_tuple=True)
                 if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
-                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform else None
+                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform and not self.dropped else None
                     counts = schedule[:, i] if tau is None and per_row is None else None
                     vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
                                               tau=tau, scale=scale)
