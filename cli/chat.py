@@ -49,9 +49,9 @@ def chat(
 
     Example: difflm chat --url http://localhost:8000
 
-    Type a message and Enter; commands: /decode conv, /steps 32, /set kernel_size=16 (any decode setting),
-    /show, /reset (forget the conversation), /help, /quit (or Ctrl-D). Ctrl-C cancels the answer being decoded.
-    Input may be piped (one message or command a line); the answers are printed on stdout.
+    Type a message and Enter. Commands: /decode conv, /steps 32, /set kernel_size=16 (any decode setting), /show, /reset (forget the conversation), /help, /quit (or Ctrl-D). Ctrl-C cancels the answer being decoded.
+
+    Input may be piped, one message or command a line: the answers are printed on stdout, without the live canvas.
     """
     given_model = model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer)
     decode = decode_values(ctx)

@@ -219,12 +219,21 @@ def _wait_for(pane: str, needle: str, seconds: float = 120) -> str:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
-def test_tty_live_canvas_and_ctrl_c_cancels_the_answer(tmp_path):
-    session = f"difflm-chat-{os.getpid()}"
-    env = " ".join(f"{k}={v}" for k, v in {"PYTHONPATH": REPO, "OMP_NUM_THREADS": 1, "HF_HUB_OFFLINE": 1}.items())
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_tty_live_canvas_and_ctrl_c_cancels_the_answer(where, request):
+    """On a terminal: the canvas is drawn while the answer decodes; Ctrl-C cancels that answer (remotely: the
+    stream closes and the server drops the row), the chat goes on, Ctrl-D leaves with exit 0."""
+    env = {"PYTHONPATH": REPO, "OMP_NUM_THREADS": 1, "HF_HUB_OFFLINE": 1}
+    if where == "url":
+        url = request.getfixturevalue("server")
+        env["DIFFLM_API_KEY"] = "sekret"
+        target = f"--url {url}"
+    else:
+        target = "-m tiny-math --device cpu"
+    session = f"difflm-chat-{os.getpid()}-{where}"
     # a long decode (steps >> gen_length) so that the canvas is on screen when Ctrl-C comes
-    cmd = f"cd {REPO} && env {env} {sys.executable} -m cli.main chat -m tiny-math --device cpu --gen-length 64 " \
-          f"--steps 20000; echo CHAT-EXITED-$?; sleep 30"
+    cmd = (f"cd {REPO} && env {' '.join(f'{k}={v}' for k, v in env.items())} {sys.executable} -m cli.main chat "
+           f"{target} --gen-length 64 --steps 20000; echo CHAT-EXITED-$?; sleep 30")
     _tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", cmd)
     try:
         _wait_for(session, "you>")
@@ -237,5 +246,20 @@ def test_tty_live_canvas_and_ctrl_c_cancels_the_answer(tmp_path):
         assert "history: 0 turns" in _wait_for(session, "history:")
         _tmux("send-keys", "-t", session, "C-d")
         _wait_for(session, "CHAT-EXITED-0")
+        if where == "url":
+            _wait_until_idle(url)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=30)
+
+
+def _wait_until_idle(url: str) -> None:
+    """The server dropped the cancelled row: nothing running or queued (bounded wait)."""
+    import httpx2
+
+    health = {}
+    for _ in range(300):
+        health = httpx2.get(url + "/health").json()
+        if health["running_rows"] == 0 and health["queued_rows"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the server still decodes the cancelled answer: {health}")
