@@ -13,10 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Debug, Overrides, RecipePath, console, err_console, error_line, load_cli_recipe, option, run_command
-from cli.generate import (
-    Adapter, DecodeOptionsCommand, Device, Dtype, Family, ModelName, Quantization, Tokenizer, TrustRemoteCode,
-    decode_values, model_values,
-)
+from cli.generate import DecodeOptionsCommand, decode_values, model_values
 
 _C = "Chat"
 API_KEY_ENV = "DIFFLM_API_KEY"
@@ -26,15 +23,7 @@ def chat(
     ctx: typer.Context,
     recipe: RecipePath = None,
     overrides: Overrides = None,
-    model: ModelName = None,
-    family: Family = None,
-    dtype: Dtype = None,
-    device: Device = None,
-    adapter: Adapter = None,
-    quantization: Quantization = None,
-    trust_remote_code: TrustRemoteCode = None,
-    tokenizer: Tokenizer = None,
-    # decoding: one option per DecodeConfig field, added by DecodeOptionsCommand (the settings the chat starts with)
+    # the Model and Decoding panels: added by DecodeOptionsCommand (the settings the chat starts with)
     url: Annotated[Optional[str], option("--url", help="A running `difflm serve` (http://host:port) instead of a local model.", panel=_C)] = None,
     api_key: Annotated[Optional[str], option("--api-key", envvar=API_KEY_ENV, show_envvar=True,
                                              help="The server's key (with --url).", panel=_C)] = None,
@@ -53,7 +42,7 @@ def chat(
 
     Input may be piped, one message or command a line: the answers are printed on stdout, without the live canvas.
     """
-    given_model = model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer)
+    given_model = model_values(ctx)
     decode = decode_values(ctx)
 
     def start():

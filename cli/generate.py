@@ -29,7 +29,7 @@ _DECODE_FLAGS = {"method": "--decode"}
 _DECODE_META = "difflm.decode"  # ctx.meta key: the decoding options' values, {field: value or None}
 
 
-# the Model panel, shared by generate, serve and chat (the decoding options follow `tokenizer`: DecodeOptionsCommand)
+# the Model panel, shared by generate, serve and chat through DecodeOptionsCommand
 ModelName = Annotated[Optional[str], option("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)]
 Family = Annotated[Optional[str], option("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)]
 Dtype = Annotated[Optional[str], option("--dtype", help="auto|float32|bfloat16|float16", panel=_M)]
@@ -42,10 +42,18 @@ TrustRemoteCode = Annotated[
 Tokenizer = Annotated[Optional[str], option("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)]
 
 
-def model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer) -> dict:
+_MODEL_META = "difflm.model"  # ctx.meta key: the Model panel's values, {model-section key: value or None}
+#: the Model panel: (parameter, `model:` section key, option type)
+_MODEL_OPTIONS = (
+    ("model", "name", ModelName), ("family", "family", Family), ("dtype", "dtype", Dtype), ("device", "device", Device),
+    ("adapter", "adapter", Adapter), ("quantization", "quantization", Quantization),
+    ("trust_remote_code", "trust_remote_code", TrustRemoteCode), ("tokenizer", "tokenizer", Tokenizer),
+)
+
+
+def model_values(ctx) -> dict:
     """The `model:` section's values of the Model panel's options (None: not given)."""
-    return dict(name=model, family=family, dtype=dtype, device=device, adapter=adapter, quantization=quantization,
-                trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    return dict(ctx.meta.get(_MODEL_META, {}))
 
 
 def decode_values(ctx) -> dict:
@@ -76,35 +84,43 @@ def decode_parameters() -> list[inspect.Parameter]:
     return params
 
 
-def _decode_click_params() -> list:
-    """The click parameters typer makes of `decode_parameters()` (through its public `get_command`)."""
+def model_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per Model panel option (`_MODEL_OPTIONS`), default None."""
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)
+            for name, _key, ann in _MODEL_OPTIONS]
 
-    def decode_options(**values) -> None:
-        """Decoding options."""
 
-    decode_options.__signature__ = inspect.Signature(decode_parameters())
+def _click_params(parameters: list[inspect.Parameter]) -> list:
+    """The click parameters typer makes of these keyword parameters (through its public `get_command`)."""
+
+    def options(**values) -> None:
+        """Options."""
+
+    options.__signature__ = inspect.Signature(parameters)
     sub = typer.Typer(add_completion=False)
-    sub.command()(decode_options)
+    sub.command()(options)
     return typer.main.get_command(sub).params
 
 
 class DecodeOptionsCommand(TyperCommand):
-    """A command with the Model panel (`tokenizer` last) and, after it, one option per DecodeConfig field
-    (generate, serve, chat): `generate`'s decoding options are added after the Model panel on first use (parsing, help,
-    completion). Their values go to `ctx.meta[_DECODE_META]`, not to the callback's arguments."""
+    """A command (generate, serve, chat) with the Model panel and, after it, one option per DecodeConfig field,
+    added after its KEY=VALUE argument on first use (parsing, help, completion), so that no command declares
+    them. Their values go to `ctx.meta` (read them with `model_values(ctx)`, `decode_values(ctx)`), not to
+    the callback's arguments."""
 
-    _decode_added = False
+    _added = False
 
     def get_params(self, ctx):
-        if not self._decode_added:
-            at = next(i for i, p in enumerate(self.params) if p.name == "tokenizer") + 1
-            self.params[at:at] = _decode_click_params()
-            self._decode_added = True
+        if not self._added:
+            at = next(i for i, p in enumerate(self.params) if p.name == "overrides") + 1
+            self.params[at:at] = _click_params(model_parameters()) + _click_params(decode_parameters())
+            self._added = True
         return super().get_params(ctx)
 
     def invoke(self, ctx):
         from difflm.decoding.config import DecodeConfig
 
+        ctx.meta[_MODEL_META] = {key: ctx.params.pop(name, None) for name, key, _ann in _MODEL_OPTIONS}
         ctx.meta[_DECODE_META] = {f.name: ctx.params.pop(f.name, None) for f in dataclasses.fields(DecodeConfig)}
         return super().invoke(ctx)
 
@@ -113,15 +129,7 @@ def generate(
     ctx: typer.Context,
     recipe: RecipePath = None,
     overrides: Overrides = None,
-    # model (the same options as `difflm serve` and `difflm chat`)
-    model: ModelName = None,
-    family: Family = None,
-    dtype: Dtype = None,
-    device: Device = None,
-    adapter: Adapter = None,
-    quantization: Quantization = None,
-    trust_remote_code: TrustRemoteCode = None,
-    tokenizer: Tokenizer = None,
+    # the Model and Decoding panels: added by DecodeOptionsCommand (shared with serve and chat)
     # decoding: one option per DecodeConfig field, added by DecodeOptionsCommand
     # inputs
     prompt: Annotated[Optional[list[str]], option("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
@@ -151,7 +159,7 @@ def generate(
     OUT.config.yaml (the resolved recipe). An interrupted run resumes: rerun the same command.
     """
     cli_values = {
-        "model": model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer),
+        "model": model_values(ctx),
         "decode": decode_values(ctx),
         "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
                      prompt_format=prompt_format),

@@ -9,10 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, option, print_config, run_command
-from cli.generate import (
-    Adapter, DecodeOptionsCommand, Device, Dtype, Family, ModelName, Quantization, Tokenizer, TrustRemoteCode,
-    decode_values, model_values,
-)
+from cli.generate import DecodeOptionsCommand, decode_values, model_values
 
 _S = "Server"
 _L = "Limits"
@@ -23,15 +20,7 @@ def serve(
     ctx: typer.Context,
     recipe: RecipePath = None,
     overrides: Overrides = None,
-    model: ModelName = None,
-    family: Family = None,
-    dtype: Dtype = None,
-    device: Device = None,
-    adapter: Adapter = None,
-    quantization: Quantization = None,
-    trust_remote_code: TrustRemoteCode = None,
-    tokenizer: Tokenizer = None,
-    # decoding: one option per DecodeConfig field, added by DecodeOptionsCommand (the defaults of every request)
+    # the Model and Decoding panels: added by DecodeOptionsCommand (the defaults of every request)
     host: Annotated[str, option("--host", help="Address to bind (127.0.0.1: this machine only).", panel=_S)] = "127.0.0.1",
     port: Annotated[int, option("--port", help="TCP port.", panel=_S)] = 8000,
     api_key: Annotated[Optional[str], option("--api-key", envvar=API_KEY_ENV, show_envvar=True,
@@ -58,7 +47,7 @@ def serve(
     or the openai client with base_url="http://localhost:8000/v1"; the page: http://localhost:8000/
     """
     cli_values = {
-        "model": model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer),
+        "model": model_values(ctx),
         "decode": decode_values(ctx),
     }
 
