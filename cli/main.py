@@ -15,6 +15,7 @@ from cli import eval as _eval
 from cli import generate as _generate
 from cli import merge as _merge
 from cli import r2ft as _r2ft
+from cli import serve as _serve
 from cli import sft as _sft
 from cli import tokenize as _tokenize
 
@@ -54,6 +55,7 @@ _r2ft.register(app)
 _generate.register(app)
 _eval.register(app)
 _merge.register(app)
+_serve.register(app)
 
 
 def main() -> None:

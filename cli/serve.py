@@ -1,0 +1,152 @@
+"""`difflm serve`: the OpenAI-compatible server (difflm.serve) on a loaded model. Thin: options -> recipe and
+`ServeSettings` -> `difflm.serve.app.serve`; the model load and the address are printed here."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, option, print_config, run_command
+from cli.generate import (
+    Adapter, DecodeOptionsCommand, Device, Dtype, Family, ModelName, Quantization, Tokenizer, TrustRemoteCode,
+    decode_values, model_values,
+)
+
+_S = "Server"
+_L = "Limits"
+API_KEY_ENV = "DIFFLM_API_KEY"
+
+
+def serve(
+    ctx: typer.Context,
+    recipe: RecipePath = None,
+    overrides: Overrides = None,
+    model: ModelName = None,
+    family: Family = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    adapter: Adapter = None,
+    quantization: Quantization = None,
+    trust_remote_code: TrustRemoteCode = None,
+    tokenizer: Tokenizer = None,
+    # decoding: one option per DecodeConfig field, added by DecodeOptionsCommand (the defaults of every request)
+    host: Annotated[str, option("--host", help="Address to bind (127.0.0.1: this machine only).", panel=_S)] = "127.0.0.1",
+    port: Annotated[int, option("--port", help="TCP port.", panel=_S)] = 8000,
+    api_key: Annotated[Optional[str], option("--api-key", envvar=API_KEY_ENV, show_envvar=True,
+                                             help="Require 'Authorization: Bearer KEY' on /v1.", panel=_S)] = None,
+    served_name: Annotated[Optional[str], option("--served-model-name", help="Model id in /v1/models (default: --model).", panel=_S)] = None,
+    prompt_format: Annotated[str, option("--prompt-format", help="Chat messages: chat (template; alpaca if none)|alpaca|alpaca-cot|raw", panel=_S)] = "chat",
+    max_batch: Annotated[int, option("--max-batch", help="Rows decoded together.", panel=_S)] = 16,
+    window_ms: Annotated[float, option("--batch-window-ms", help="Wait this long for batch-mates.", panel=_S)] = 10.0,
+    max_queue: Annotated[int, option("--max-queue", help="Queued rows; beyond: 429.", panel=_S)] = 256,
+    timeout: Annotated[float, option("--timeout", help="Seconds per request, queue included (504 after).", panel=_S)] = 600.0,
+    max_tokens: Annotated[Optional[int], option("--max-tokens", help="Largest max_tokens (default: the context).", panel=_L)] = None,
+    max_n: Annotated[int, option("--max-n", help="Largest n.", panel=_L)] = 8,
+    max_body_kb: Annotated[int, option("--max-body-kb", help="Largest request body.", panel=_L)] = 1024,
+    log_level: Annotated[str, option("--log-level", help="critical|error|warning|info|debug", panel=_S)] = "info",
+    debug: Debug = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with dynamic batching and a chat page at /.
+
+    Example: difflm serve -m tiny-math --decode conv --steps 32 --gen-length 64 --port 8000
+
+    Example: difflm serve -m GSAI-ML/LLaDA-8B-Instruct --recipe recipes/generate-alpaca-eval.yaml --api-key $KEY
+
+    Then: curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}], "steps": 16}'
+    or the openai client with base_url="http://localhost:8000/v1"; the page: http://localhost:8000/
+    """
+    cli_values = {
+        "model": model_values(model, family, dtype, device, adapter, quantization, trust_remote_code, tokenizer),
+        "decode": decode_values(ctx),
+    }
+
+    def work() -> None:
+        from difflm.generation import GenerateRecipe, check_model_decoder, load_recipe_model
+
+        cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, cli_values)
+        settings = _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout,
+                             max_tokens, max_n, max_body_kb, log_level)
+        check_model_decoder(cfg)
+        _check_port(host, port)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our spinner instead
+        err = err_console()
+        print_config(cfg.decode, title="decode defaults")
+        with err.status(f"loading {cfg.model.name} ...", spinner="dots"):
+            loaded = load_recipe_model(cfg.model)
+        _fit_limits(settings, loaded, cfg)
+        from difflm.serve.app import serve as run_server
+
+        where = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}"
+        err.print(f"[green]serving[/] {settings.model_id} on {where}  (page: {where}/, API: {where}/v1, "
+                  f"batches of <= {max_batch}, key {'required' if settings.api_key else 'off'}); Ctrl-C stops")
+        if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+            err.print(f"[yellow]warning[/]: listening on {host} without --api-key: anyone who reaches it can use it")
+        run_server(loaded, settings, host=host, port=port, log_level=log_level)
+
+    run_command(work, debug)
+
+
+def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout, max_tokens, max_n,
+              max_body_kb, log_level):
+    from difflm.data.prompts import PROMPT_FORMATS
+    from difflm.errors import ConfigError
+    from difflm.serve.app import ServeSettings
+    from difflm.serve.protocol import Limits
+
+    checks = [("--max-batch", max_batch, 1), ("--max-queue", max_queue, 1), ("--max-n", max_n, 1),
+              ("--max-body-kb", max_body_kb, 1), ("--batch-window-ms", window_ms, 0), ("--timeout", timeout, 0.001)]
+    for name, value, lo in checks:
+        if value < lo:
+            raise ConfigError(f"must be >= {lo}, got {value}", key=name)
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"must be >= 1, got {max_tokens}", key="--max-tokens")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}", key="--prompt-format")
+    levels = ("critical", "error", "warning", "info", "debug")
+    if log_level not in levels:
+        raise ConfigError(f"must be one of {', '.join(levels)}, got {log_level!r}", key="--log-level")
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(f"is empty (from --api-key or ${API_KEY_ENV}): give a key or leave it unset", key="--api-key")
+    limits = Limits(max_tokens=max_tokens or 0, n=max_n, body_bytes=max_body_kb * 1024)
+    return ServeSettings(decode=cfg.decode, model_id=served_name or cfg.model.name or "difflm", prompt_format=prompt_format,
+                         api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, timeout_s=timeout,
+                         limits=limits)
+
+
+def _fit_limits(settings, model, cfg) -> None:
+    """--max-tokens defaults to the model's context; the defaults must fit what a request may ask."""
+    from difflm.errors import ConfigError
+
+    context = getattr(model, "max_length", None) or 4096
+    if not settings.limits.max_tokens:
+        settings.limits.max_tokens = context
+    if cfg.decode.gen_length > settings.limits.max_tokens:
+        raise ConfigError(f"the default gen_length {cfg.decode.gen_length} exceeds --max-tokens "
+                          f"{settings.limits.max_tokens}", key="decode.gen_length")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the (slow) model load when the address cannot be bound."""
+    from difflm.errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"must be in 1..65535, got {port}", key="--port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve {host!r}: {e.strerror}", key="--host") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port", key="--port") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", cls=DecodeOptionsCommand)(serve)
