@@ -198,10 +198,13 @@
   function showToken(cell, pos, id, text) {
     cell.className = "cell committed fresh";
     cell.dataset.token = String(id);
-    const special = text === "";
+    const stops = (state.config && state.config.stop_token_ids) || [];
+    const special = text === "" || stops.includes(id);
     cell.classList.toggle("special", special);
-    cell.textContent = special ? "∅" : text.replace(/\n/g, "↵");
-    cell.title = `position ${pos} · token ${id}` + (special ? " (special, e.g. end of text)" : "");
+    const blank = !special && text.trim() === "" && !text.includes("\n");
+    cell.classList.toggle("blank", blank);
+    cell.textContent = special ? "∅" : blank ? "␣".repeat(Math.min(text.length, 3)) : text.replace(/\n/g, "↵");
+    cell.title = `position ${pos} · token ${id}` + (special ? ` (${text || "special"}: end of text)` : "");
   }
 
   function applyStep(panel, ev) {
@@ -240,7 +243,7 @@
       const key = dd.dataset.fig;
       const v = ev[key];
       dd.dataset.value = v === null || v === undefined ? "" : String(v);
-      dd.textContent = v === undefined ? "–" : FORMAT[key](v);
+      dd.textContent = v === undefined || (v === null && key !== "rep4") ? "–" : FORMAT[key](v);
     }
     $(".progress", panel).textContent = `done · ${ev.content_tokens ?? "?"} tokens`;
     $(".canvas", panel).setAttribute("aria-label", `denoising canvas, ${panel.cells.length} positions, all decoded`);
@@ -259,11 +262,11 @@
 
   function handleChunk(panel, chunk) {
     if (chunk.error) { fail(panel, chunk.error.message || String(chunk.error)); return; }
+    const choice = chunk.choices && chunk.choices[0];
     const ev = chunk.difflm;
     if (ev && ev.type === "step") applyStep(panel, ev);
-    else if (ev && ev.type === "done") finish(panel, ev);
+    else if (ev && ev.type === "done") finish(panel, { finish_reason: choice && choice.finish_reason, ...ev });
     else if (ev && ev.type === "error") fail(panel, ev.message);
-    const choice = chunk.choices && chunk.choices[0];
     const piece = choice && choice.delta && choice.delta.content;
     if (piece && panel.dataset.state === "running") {
       panel.streamed = (panel.streamed || "") + piece;
