@@ -235,6 +235,9 @@
 
   function finish(panel, ev) {
     for (const cell of $$(".fresh", panel)) cell.classList.remove("fresh");
+    // the answer ends at the first end-of-text: dim what the decoder committed after it
+    const end = panel.cells.findIndex((c) => c.classList.contains("special"));
+    if (end >= 0) panel.cells.slice(end + 1).forEach((c) => c.classList.add("cut"));
     const answer = $(".answer", panel);
     answer.classList.remove("partial");
     answer.classList.toggle("blank", !ev.text);
