@@ -252,6 +252,7 @@
     $(".canvas", panel).setAttribute("aria-label", `denoising canvas, ${panel.cells.length} positions, all decoded`);
     panel.result = ev;
     panel.dataset.state = "done";
+    $("#announce").textContent = `${panel.dataset.method} answered: ${ev.text || "nothing"}`;
   }
 
   function fail(panel, msg, stateName = "error") {
