@@ -1,4 +1,4 @@
-"""The `difflm` command line: `difflm tokenize | sft | r2ft | generate | eval ...`.
+"""The `difflm` command line: `difflm tokenize | sft | r2ft | generate | eval | serve | chat ...`.
 
 Each subcommand lives in its own module with a `register(app)` function; this file only wires
 them together. `main()` is the console script (setup.cfg: `difflm = cli.main:main`);
@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cli import chat as _chat
 from cli import eval as _eval
 from cli import generate as _generate
 from cli import merge as _merge
@@ -56,6 +57,7 @@ _generate.register(app)
 _eval.register(app)
 _merge.register(app)
 _serve.register(app)
+_chat.register(app)
 
 
 def main() -> None:
