@@ -270,6 +270,9 @@ class Engine:
             )
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)
+            if watch is not None:  # generate's last pass fills what is still masked after the last step, without
+                # a callback: one more step event for those rows, so a client's canvas ends equal to the answer
+                watch({"step": out.steps_run, "nfe": out.nfe, "x": out.sequences}, only_changed=True)
         except Exception as err:  # one bad batch must not stop the server: its requests get the error
             for r in rows:
                 _emit(r.job, {"type": "error", "index": r.index, "status": 500, "message": first_line(err)})
@@ -313,12 +316,14 @@ class _StepWatch:
         self.prefix_at = [0] * len(rows)  # first masked position when the text was last decoded
         self.text = [""] * len(rows)
 
-    def __call__(self, ev: dict) -> None:
+    def __call__(self, ev: dict, only_changed: bool = False) -> None:
         gen = ev["x"][:, self.plen :].tolist()
         for b, r in enumerate(self.rows):
             if not r.job.events or r.job.cancelled:
                 continue
             cur, prev = gen[b], self.prev[b]
+            if only_changed and cur == prev:
+                continue
             word = self.engine._text
             committed = [[p, t, word(t)] for p, (a, t) in enumerate(zip(prev, cur)) if t != a and t != self.mask]
             remasked = [p for p, (a, t) in enumerate(zip(prev, cur)) if t == self.mask and a != self.mask]
