@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""`difflm serve` throughput: dynamic batching against one request at a time, from one run.
+
+    python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 4 requests
+    python bench/serve_throughput.py --clients 8 --requests 2 --gen-length 16 --steps 8 --name quick
+
+The real server runs as a subprocess (`python -m cli.main serve`, on a free loopback port), twice: first
+with dynamic batching (`--max-batch`, `--batch-window-ms`), then with `--max-batch 1`. Against each, the same
+`--clients` concurrent clients (threads, one HTTP connection each) send `--requests` chat completions each
+(distinct prompts and seeds; the same requests for both servers). Per server: requests/s and content
+tokens/s (usage.completion_tokens) over the wall time from the first request sent to the last answer,
+latency p50/p95, the share of that wall time the engine spent in `generate` (each batch's rows report the
+same `seconds`, so the distinct values are the batches), and the mean batch size (/health). The ratio
+batched / one-at-a-time is the headline.
+
+Time to first streamed event: streamed requests with `denoise: true`, timed to the first chunk carrying a
+difflm step event and to the first non-empty content delta, on the idle server (before the load; after one
+warm-up request) and under load (a probe client, not counted in the throughput, sending them while the
+clients run). Medians over the probes.
+
+Prints a table and writes bench/results/<name>.json atomically after each server. Exit status: 0, 1 if a
+server did not start or a request failed, 2 for bad options. The server inherits the environment
+(set OMP_NUM_THREADS=1 on a shared 2-core machine: two torch threads fighting other jobs ran 4x slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx2  # noqa: E402
+
+from difflm.io import atomic_write_json  # noqa: E402
+from difflm.testing import free_port  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny-math", help="what `difflm serve -m` loads")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client (per server)")
+    ap.add_argument("--gen-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--decode", default="conv", help="the server's decode method")
+    ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
+    ap.add_argument("--window-ms", type=float, default=10.0, help="the batching server's --batch-window-ms")
+    ap.add_argument("--probes", type=int, default=3, help="streamed probes on the idle server")
+    ap.add_argument("--startup-s", type=float, default=180.0, help="wait at most this long for /health")
+    ap.add_argument("--name", default="serve-throughput-cpu")
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    for key in ("clients", "requests", "gen_length", "steps", "max_batch", "probes"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.window_ms < 0 or args.startup_s <= 0:
+        ap.error("--window-ms must be >= 0 and --startup-s > 0")
+    return args
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def server(args, max_batch: int, window_ms: float):
+    """`python -m cli.main serve` on a free port; yields its base URL once /health answers (bounded)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "cli.main", "serve", "-m", args.model, "--port", str(port), "--host", "127.0.0.1",
+           "--decode", args.decode, "--gen-length", str(args.gen_length), "--steps", str(args.steps),
+           "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms),
+           "--max-queue", str(max(256, 4 * (args.clients + 1))), "--log-level", "warning"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + args.startup_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise ServerError(f"the server exited ({proc.returncode}): {log.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"the server did not answer /health within {args.startup_s:g} s")
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def requests_for(args) -> list[list[dict]]:
+    """Per client, its request bodies: distinct arithmetic questions and seeds (the same for both servers)."""
+    out = []
+    for c in range(args.clients):
+        bodies = []
+        for r in range(args.requests):
+            k = c * args.requests + r
+            q = f"Tom has {3 + k % 97} apples and buys {5 + (7 * k) % 89} more. How many apples does he have?"
+            bodies.append({"model": args.model, "messages": [{"role": "user", "content": q}], "seed": 1000 + k})
+        out.append(bodies)
+    return out
+
+
+def client(base: str, bodies: list[dict], results: list, start: threading.Barrier) -> None:
+    """One client: its requests one after another over one connection; each result: (sent, latency, tokens, seconds,
+    error)."""
+    with httpx2.Client(base_url=base, timeout=600) as http:
+        start.wait()
+        for body in bodies:
+            t0 = time.perf_counter()
+            try:
+                r = http.post("/v1/chat/completions", json=body)
+                dt = time.perf_counter() - t0
+                if r.status_code != 200:
+                    results.append((t0, dt, 0, None, f"HTTP {r.status_code}: {r.text[:200]}"))
+                    continue
+                data = r.json()
+                results.append((t0, dt, data["usage"]["completion_tokens"], data["choices"][0]["difflm"]["seconds"], None))
+            except httpx2.HTTPError as err:
+                results.append((t0, time.perf_counter() - t0, 0, None, f"{type(err).__name__}: {err}"))
+
+
+def first_events(base: str, body: dict) -> dict:
+    """One streamed request with denoise: seconds to the first step event and to the first content delta."""
+    body = dict(body, stream=True, denoise=True)
+    got: dict = {"first_step_s": None, "first_content_s": None, "total_s": None, "error": None}
+    t0 = time.perf_counter()
+    try:
+        with httpx2.Client(base_url=base, timeout=600) as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                got["error"] = f"HTTP {r.status_code}"
+                return got
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter() - t0
+                if got["first_step_s"] is None and (chunk.get("difflm") or {}).get("type") == "step":
+                    got["first_step_s"] = now
+                if got["first_content_s"] is None and any(
+                        (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
+                    got["first_content_s"] = now
+    except httpx2.HTTPError as err:
+        got["error"] = f"{type(err).__name__}: {err}"
+    got["total_s"] = time.perf_counter() - t0
+    return got
+
+
+def probe_summary(samples: list[dict]) -> dict:
+    def med(key):
+        vals = [s[key] for s in samples if s[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    return {"n": len(samples), "first_step_s": med("first_step_s"), "first_content_s": med("first_content_s"),
+            "total_s": med("total_s"), "samples": samples}
+
+
+def pct(vals: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics (numpy's default)."""
+    s = sorted(vals)
+    if len(s) == 1:
+        return s[0]
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def health(base: str) -> dict:
+    return httpx2.get(base + "/health", timeout=10).json()
+
+
+def run_mode(args, label: str, max_batch: int, window_ms: float, bodies: list[list[dict]]) -> dict:
+    """One server: warm-up, idle probes, then the clients with a streaming probe alongside."""
+    with server(args, max_batch, window_ms) as base:
+        first_events(base, {**bodies[0][0], "seed": 1})  # warm-up: first forward, tokenizer, page faults
+        idle = [first_events(base, {**bodies[p % len(bodies)][0], "seed": 2 + p}) for p in range(args.probes)]
+        before = health(base)
+        results: list = []
+        start = threading.Barrier(args.clients + 1)
+        threads = [threading.Thread(target=client, args=(base, b, results, start), daemon=True) for b in bodies]
+        for t in threads:
+            t.start()
+        start.wait()
+        t_start = time.perf_counter()
+        loaded: list = []
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.05)  # probe while the load runs, once the clients' first requests have queued
+            if any(t.is_alive() for t in threads):
+                loaded.append(first_events(base, {**bodies[len(loaded) % len(bodies)][0], "seed": 500 + len(loaded)}))
+        for t in threads:
+            t.join()
+        after = health(base)
+    t_end = max(r[0] + r[1] for r in results)
+    wall = t_end - t_start
+    ok = [r for r in results if r[4] is None]
+    lat = [r[1] for r in ok]
+    batches = after["batches"] - before["batches"]
+    rows = after["rows_done"] - before["rows_done"]
+    generate_s = sum({r[3] for r in ok})  # rows of one batch report the same seconds
+    return {
+        "label": label, "max_batch": max_batch, "window_ms": window_ms, "requests": len(results), "ok": len(ok),
+        "errors": [r[4] for r in results if r[4] is not None][:10], "wall_s": wall,
+        "requests_per_s": len(ok) / wall, "completion_tokens": sum(r[2] for r in ok),
+        "tokens_per_s": sum(r[2] for r in ok) / wall,
+        "latency_p50_s": pct(lat, 0.5) if lat else None, "latency_p95_s": pct(lat, 0.95) if lat else None,
+        "engine_batches": batches, "engine_rows": rows, "mean_batch": rows / batches if batches else None,
+        "max_batch_seen": after["max_batch_seen"], "generate_s": generate_s, "generate_share": generate_s / wall,
+        "ttfe_idle": probe_summary(idle), "ttfe_load": probe_summary(loaded),
+    }
+
+
+def fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(modes: dict) -> None:
+    print(f"{'server':<22} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'batch':>6} {'gen %':>6} "
+          f"{'step idle':>9} {'text idle':>9} {'step load':>9} {'text load':>9}")
+    for m in modes.values():
+        name = f"{m['label']} (max {m['max_batch']})"
+        print(f"{name:<22} {m['requests_per_s']:>7.2f} {m['tokens_per_s']:>7.1f} {fmt(m['latency_p50_s'], '.2f'):>7} "
+              f"{fmt(m['latency_p95_s'], '.2f'):>7} {fmt(m['mean_batch'], '.1f'):>6} {100 * m['generate_share']:>5.0f}% "
+              f"{fmt(m['ttfe_idle']['first_step_s'], '.3f'):>9} {fmt(m['ttfe_idle']['first_content_s'], '.3f'):>9} "
+              f"{fmt(m['ttfe_load']['first_step_s'], '.3f'):>9} {fmt(m['ttfe_load']['first_content_s'], '.3f'):>9}")
+
+
+def machine() -> dict:
+    cpu = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    import difflm
+
+    record = {
+        "name": args.name, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["bench/serve_throughput.py", *(sys.argv[1:] if argv is None else argv)], "machine": machine(),
+        "versions": {"torch": torch.__version__, "difflm": difflm.__version__}, "settings": vars(args), "modes": {},
+    }
+    out_path = Path(args.out_dir) / f"{args.name}.json"
+    bodies = requests_for(args)
+    print(f"serve throughput: {args.model}, {args.decode}, gen_length {args.gen_length}, {args.steps} steps; "
+          f"{args.clients} clients x {args.requests} requests; load {record['machine']['load_average']}", flush=True)
+    t0 = time.perf_counter()
+    for label, mb, win in (("batched", args.max_batch, args.window_ms), ("one-at-a-time", 1, 0.0)):
+        try:
+            record["modes"][label] = m = run_mode(args, label, mb, win, bodies)
+        except ServerError as err:
+            print(f"error: {label}: {err}", file=sys.stderr)
+            record["error"] = f"{label}: {err}"
+            atomic_write_json(out_path, record)
+            return 1
+        print(f"  {label}: {m['ok']}/{m['requests']} ok in {m['wall_s']:.1f} s", flush=True)
+        atomic_write_json(out_path, record)
+    b, s = record["modes"]["batched"], record["modes"]["one-at-a-time"]
+    record["ratio"] = {"requests_per_s": b["requests_per_s"] / s["requests_per_s"],
+                       "tokens_per_s": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None}
+    record["elapsed_s"] = time.perf_counter() - t0
+    record["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    atomic_write_json(out_path, record)
+    print_table(record["modes"])
+    r = record["ratio"]
+    print(f"batched / one-at-a-time: {r['requests_per_s']:.2f}x requests/s, {fmt(r['tokens_per_s'], '.2f')}x tokens/s; "
+          f"wrote {out_path} ({record['elapsed_s']:.0f} s)")
+    failed = any(m["ok"] < m["requests"] for m in record["modes"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
