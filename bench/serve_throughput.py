@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`difflm serve` throughput: dynamic batching against one request at a time, from one run.
 
-    python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 4 requests
+    python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 2 requests x 2 rounds
     python bench/serve_throughput.py --clients 8 --requests 2 --gen-length 16 --steps 8 --name quick
 
 The real server runs as a subprocess (`python -m cli.main serve`, on a free loopback port), twice: first
@@ -53,18 +53,20 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-math", help="what `difflm serve -m` loads")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients")
-    ap.add_argument("--requests", type=int, default=4, help="requests per client (per server)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per round")
     ap.add_argument("--gen-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--decode", default="conv", help="the server's decode method")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--window-ms", type=float, default=10.0, help="the batching server's --batch-window-ms")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="load rounds per server, alternating the servers (ABBA): a load change hits both")
     ap.add_argument("--probes", type=int, default=3, help="streamed probes on the idle server")
     ap.add_argument("--startup-s", type=float, default=180.0, help="wait at most this long for /health")
     ap.add_argument("--name", default="serve-throughput-cpu")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    for key in ("clients", "requests", "gen_length", "steps", "max_batch", "probes"):
+    for key in ("clients", "requests", "rounds", "gen_length", "steps", "max_batch", "probes"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.window_ms < 0 or args.startup_s <= 0:
@@ -93,9 +95,9 @@ def server(args, max_batch: int, window_ms: float):
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                raise ServerError(f"the server exited ({proc.returncode}): {log.read()[-2000:]}")
+                raise ServerError(f"the server (--max-batch {max_batch}) exited ({proc.returncode}): {log.read()[-2000:]}")
             if time.monotonic() > deadline:
-                raise ServerError(f"the server did not answer /health within {args.startup_s:g} s")
+                raise ServerError(f"the server (--max-batch {max_batch}) did not answer /health within {args.startup_s:g} s")
             with contextlib.suppress(httpx2.HTTPError):
                 if httpx2.get(base + "/health", timeout=2).status_code == 200:
                     break
@@ -111,13 +113,14 @@ def server(args, max_batch: int, window_ms: float):
         log.close()
 
 
-def requests_for(args) -> list[list[dict]]:
-    """Per client, its request bodies: distinct arithmetic questions and seeds (the same for both servers)."""
+def requests_for(args, rnd: int = 0) -> list[list[dict]]:
+    """Per client, its request bodies in round `rnd`: distinct arithmetic questions and seeds (the same for
+    both servers)."""
     out = []
     for c in range(args.clients):
         bodies = []
         for r in range(args.requests):
-            k = c * args.requests + r
+            k = (rnd * args.clients + c) * args.requests + r
             q = f"Tom has {3 + k % 97} apples and buys {5 + (7 * k) % 89} more. How many apples does he have?"
             bodies.append({"model": args.model, "messages": [{"role": "user", "content": q}], "seed": 1000 + k})
         out.append(bodies)
@@ -193,43 +196,52 @@ def health(base: str) -> dict:
     return httpx2.get(base + "/health", timeout=10).json()
 
 
-def run_mode(args, label: str, max_batch: int, window_ms: float, bodies: list[list[dict]]) -> dict:
-    """One server: warm-up, idle probes, then the clients with a streaming probe alongside."""
-    with server(args, max_batch, window_ms) as base:
-        first_events(base, {**bodies[0][0], "seed": 1})  # warm-up: first forward, tokenizer, page faults
-        idle = [first_events(base, {**bodies[p % len(bodies)][0], "seed": 2 + p}) for p in range(args.probes)]
-        before = health(base)
-        results: list = []
-        start = threading.Barrier(args.clients + 1)
-        threads = [threading.Thread(target=client, args=(base, b, results, start), daemon=True) for b in bodies]
-        for t in threads:
-            t.start()
-        start.wait()
-        t_start = time.perf_counter()
-        loaded: list = []
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.05)  # probe while the load runs, once the clients' first requests have queued
-            if any(t.is_alive() for t in threads):
-                loaded.append(first_events(base, {**bodies[len(loaded) % len(bodies)][0], "seed": 500 + len(loaded)}))
-        for t in threads:
-            t.join()
-        after = health(base)
-    t_end = max(r[0] + r[1] for r in results)
-    wall = t_end - t_start
+def load_round(base: str, bodies: list[list[dict]], probe_seed: int) -> dict:
+    """The clients against one server, with a streaming probe (not counted) alongside while they run."""
+    before = health(base)
+    results: list = []
+    start = threading.Barrier(len(bodies) + 1)
+    threads = [threading.Thread(target=client, args=(base, b, results, start), daemon=True) for b in bodies]
+    for t in threads:
+        t.start()
+    start.wait()
+    t_start = time.perf_counter()
+    loaded: list = []
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.05)  # probe while the load runs, once the clients' first requests have queued
+        if any(t.is_alive() for t in threads):
+            body = {**bodies[len(loaded) % len(bodies)][0], "seed": probe_seed + len(loaded)}
+            loaded.append(first_events(base, body))
+    for t in threads:
+        t.join()
+    after = health(base)
+    wall = max(r[0] + r[1] for r in results) - t_start
+    return {"results": results, "probes": loaded, "wall_s": wall, "batches": after["batches"] - before["batches"],
+            "rows": after["rows_done"] - before["rows_done"], "max_batch_seen": after["max_batch_seen"]}
+
+
+def summarize(label: str, max_batch: int, window_ms: float, idle: list[dict], rounds: list[dict]) -> dict:
+    """One server's rounds pooled: rates over the summed wall time, latency quantiles over every request."""
+    results = [r for rd in rounds for r in rd["results"]]
     ok = [r for r in results if r[4] is None]
     lat = [r[1] for r in ok]
-    batches = after["batches"] - before["batches"]
-    rows = after["rows_done"] - before["rows_done"]
-    generate_s = sum({r[3] for r in ok})  # rows of one batch report the same seconds
+    wall = sum(rd["wall_s"] for rd in rounds)
+    batches, rows = sum(rd["batches"] for rd in rounds), sum(rd["rows"] for rd in rounds)
+    generate_s = sum(sum({r[3] for r in rd["results"] if r[4] is None}) for rd in rounds)  # a batch's rows share it
+    tokens = sum(r[2] for r in ok)
     return {
         "label": label, "max_batch": max_batch, "window_ms": window_ms, "requests": len(results), "ok": len(ok),
         "errors": [r[4] for r in results if r[4] is not None][:10], "wall_s": wall,
-        "requests_per_s": len(ok) / wall, "completion_tokens": sum(r[2] for r in ok),
-        "tokens_per_s": sum(r[2] for r in ok) / wall,
+        "requests_per_s": len(ok) / wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
         "latency_p50_s": pct(lat, 0.5) if lat else None, "latency_p95_s": pct(lat, 0.95) if lat else None,
         "engine_batches": batches, "engine_rows": rows, "mean_batch": rows / batches if batches else None,
-        "max_batch_seen": after["max_batch_seen"], "generate_s": generate_s, "generate_share": generate_s / wall,
-        "ttfe_idle": probe_summary(idle), "ttfe_load": probe_summary(loaded),
+        "max_batch_seen": max(rd["max_batch_seen"] for rd in rounds), "generate_s": generate_s,
+        "generate_share": generate_s / wall,
+        "rounds": [{"wall_s": rd["wall_s"], "ok": sum(r[4] is None for r in rd["results"]),
+                    "requests_per_s": sum(r[4] is None for r in rd["results"]) / rd["wall_s"],
+                    "tokens_per_s": sum(r[2] for r in rd["results"]) / rd["wall_s"],
+                    "mean_batch": rd["rows"] / rd["batches"] if rd["batches"] else None} for rd in rounds],
+        "ttfe_idle": probe_summary(idle), "ttfe_load": probe_summary([p for rd in rounds for p in rd["probes"]]),
     }
 
 
@@ -273,27 +285,43 @@ def main(argv=None) -> int:
     out_path = Path(args.out_dir) / f"{args.name}.json"
     bodies = requests_for(args)
     print(f"serve throughput: {args.model}, {args.decode}, gen_length {args.gen_length}, {args.steps} steps; "
-          f"{args.clients} clients x {args.requests} requests; load {record['machine']['load_average']}", flush=True)
+          f"{args.clients} clients x {args.requests} requests x {args.rounds} rounds per server; load {record['machine']['load_average']}", flush=True)
     t0 = time.perf_counter()
-    for label, mb, win in (("batched", args.max_batch, args.window_ms), ("one-at-a-time", 1, 0.0)):
-        try:
-            record["modes"][label] = m = run_mode(args, label, mb, win, bodies)
-        except ServerError as err:
-            print(f"error: {label}: {err}", file=sys.stderr)
-            record["error"] = f"{label}: {err}"
-            atomic_write_json(out_path, record)
-            return 1
-        print(f"  {label}: {m['ok']}/{m['requests']} ok in {m['wall_s']:.1f} s", flush=True)
+    modes = (("batched", args.max_batch, args.window_ms), ("one-at-a-time", 1, 0.0))
+    try:
+        with contextlib.ExitStack() as stack:
+            bases = [stack.enter_context(server(args, mb, win)) for _, mb, win in modes]
+            idle = []
+            for base in bases:  # warm-up (first forward, tokenizer, page faults), then the idle probes
+                first_events(base, {**bodies[0][0], "seed": 1})
+                idle.append([first_events(base, {**bodies[p % len(bodies)][0], "seed": 2 + p}) for p in range(args.probes)])
+            rounds: list[list[dict]] = [[], []]
+            for rnd in range(args.rounds):  # alternate the order (ABBA...): a load change hits both sides
+                for k in ((0, 1) if rnd % 2 == 0 else (1, 0)):
+                    rd = load_round(bases[k], requests_for(args, rnd), probe_seed=500 + 100 * rnd)
+                    rounds[k].append(rd)
+                    print(f"  round {rnd + 1} {modes[k][0]}: {sum(r[4] is None for r in rd['results'])}/"
+                          f"{len(rd['results'])} ok in {rd['wall_s']:.1f} s", flush=True)
+                    record["modes"] = {m[0]: summarize(*m, idle[j], rounds[j]) for j, m in enumerate(modes) if rounds[j]}
+                    atomic_write_json(out_path, record)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        record["error"] = str(err)
         atomic_write_json(out_path, record)
+        return 1
     b, s = record["modes"]["batched"], record["modes"]["one-at-a-time"]
     record["ratio"] = {"requests_per_s": b["requests_per_s"] / s["requests_per_s"],
-                       "tokens_per_s": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None}
+                       "tokens_per_s": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None,
+                       "requests_per_s_per_round": [x["requests_per_s"] / y["requests_per_s"]
+                                                    for x, y in zip(b["rounds"], s["rounds"])]}
     record["elapsed_s"] = time.perf_counter() - t0
     record["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     atomic_write_json(out_path, record)
     print_table(record["modes"])
     r = record["ratio"]
-    print(f"batched / one-at-a-time: {r['requests_per_s']:.2f}x requests/s, {fmt(r['tokens_per_s'], '.2f')}x tokens/s; "
+    by_round = ", ".join(f"{x:.2f}x" for x in r["requests_per_s_per_round"])
+    print(f"batched / one-at-a-time: {r['requests_per_s']:.2f}x requests/s ({by_round} by round), "
+          f"{fmt(r['tokens_per_s'], '.2f')}x tokens/s; "
           f"wrote {out_path} ({record['elapsed_s']:.0f} s)")
     failed = any(m["ok"] < m["requests"] for m in record["modes"].values())
     return 1 if failed else 0
