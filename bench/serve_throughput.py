@@ -80,7 +80,7 @@ class ServerError(RuntimeError):
 
 @contextlib.contextmanager
 def server(args, max_batch: int, window_ms: float):
-    """`python -m cli.main serve` on a free port; yields its base URL once /health answers (bounded)."""
+    """`python -m cli.main serve` on a free port; yields (base URL, pid) once /health answers (bounded)."""
     port = free_port()
     cmd = [sys.executable, "-m", "cli.main", "serve", "-m", args.model, "--port", str(port), "--host", "127.0.0.1",
            "--decode", args.decode, "--gen-length", str(args.gen_length), "--steps", str(args.steps),
@@ -102,7 +102,7 @@ def server(args, max_batch: int, window_ms: float):
                 if httpx2.get(base + "/health", timeout=2).status_code == 200:
                     break
             time.sleep(0.2)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         try:
@@ -196,9 +196,20 @@ def health(base: str) -> dict:
     return httpx2.get(base + "/health", timeout=10).json()
 
 
-def load_round(base: str, bodies: list[list[dict]], probe_seed: int) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """The server process's CPU time so far (user + system, all threads): what a request costs whatever
+    else runs on the machine, where wall time depends on the other jobs' load."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def load_round(base: str, pid: int, bodies: list[list[dict]], probe_seed: int) -> dict:
     """The clients against one server, with a streaming probe (not counted) alongside while they run."""
-    before = health(base)
+    before, cpu0 = health(base), cpu_seconds(pid)
     results: list = []
     start = threading.Barrier(len(bodies) + 1)
     threads = [threading.Thread(target=client, args=(base, b, results, start), daemon=True) for b in bodies]
@@ -214,9 +225,10 @@ def load_round(base: str, bodies: list[list[dict]], probe_seed: int) -> dict:
             loaded.append(first_events(base, body))
     for t in threads:
         t.join()
-    after = health(base)
+    after, cpu1 = health(base), cpu_seconds(pid)
     wall = max(r[0] + r[1] for r in results) - t_start
-    return {"results": results, "probes": loaded, "wall_s": wall, "batches": after["batches"] - before["batches"],
+    return {"results": results, "cpu_s": None if cpu0 is None else cpu1 - cpu0, "probes": loaded, "wall_s": wall,
+            "batches": after["batches"] - before["batches"],
             "rows": after["rows_done"] - before["rows_done"], "max_batch_seen": after["max_batch_seen"]}
 
 
@@ -229,6 +241,7 @@ def summarize(label: str, max_batch: int, window_ms: float, idle: list[dict], ro
     batches, rows = sum(rd["batches"] for rd in rounds), sum(rd["rows"] for rd in rounds)
     generate_s = sum(sum({r[3] for r in rd["results"] if r[4] is None}) for rd in rounds)  # a batch's rows share it
     tokens = sum(r[2] for r in ok)
+    cpu = None if any(rd["cpu_s"] is None for rd in rounds) else sum(rd["cpu_s"] for rd in rounds)
     return {
         "label": label, "max_batch": max_batch, "window_ms": window_ms, "requests": len(results), "ok": len(ok),
         "errors": [r[4] for r in results if r[4] is not None][:10], "wall_s": wall,
@@ -236,11 +249,13 @@ def summarize(label: str, max_batch: int, window_ms: float, idle: list[dict], ro
         "latency_p50_s": pct(lat, 0.5) if lat else None, "latency_p95_s": pct(lat, 0.95) if lat else None,
         "engine_batches": batches, "engine_rows": rows, "mean_batch": rows / batches if batches else None,
         "max_batch_seen": max(rd["max_batch_seen"] for rd in rounds), "generate_s": generate_s,
-        "generate_share": generate_s / wall,
+        "generate_share": generate_s / wall, "server_cpu_s": cpu,
+        "server_cpu_s_per_request": cpu / rows if cpu is not None and rows else None,
         "rounds": [{"wall_s": rd["wall_s"], "ok": sum(r[4] is None for r in rd["results"]),
                     "requests_per_s": sum(r[4] is None for r in rd["results"]) / rd["wall_s"],
                     "tokens_per_s": sum(r[2] for r in rd["results"]) / rd["wall_s"],
-                    "mean_batch": rd["rows"] / rd["batches"] if rd["batches"] else None} for rd in rounds],
+                    "mean_batch": rd["rows"] / rd["batches"] if rd["batches"] else None, "cpu_s": rd["cpu_s"]}
+                   for rd in rounds],
         "ttfe_idle": probe_summary(idle), "ttfe_load": probe_summary([p for rd in rounds for p in rd["probes"]]),
     }
 
@@ -251,11 +266,12 @@ def fmt(v, spec: str) -> str:
 
 def print_table(modes: dict) -> None:
     print(f"{'server':<22} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} {'batch':>6} {'gen %':>6} "
-          f"{'step idle':>9} {'text idle':>9} {'step load':>9} {'text load':>9}")
+          f"{'cpu s/req':>9} {'step idle':>9} {'text idle':>9} {'step load':>9} {'text load':>9}")
     for m in modes.values():
         name = f"{m['label']} (max {m['max_batch']})"
         print(f"{name:<22} {m['requests_per_s']:>7.2f} {m['tokens_per_s']:>7.1f} {fmt(m['latency_p50_s'], '.2f'):>7} "
               f"{fmt(m['latency_p95_s'], '.2f'):>7} {fmt(m['mean_batch'], '.1f'):>6} {100 * m['generate_share']:>5.0f}% "
+              f"{fmt(m['server_cpu_s_per_request'], '.3f'):>9} "
               f"{fmt(m['ttfe_idle']['first_step_s'], '.3f'):>9} {fmt(m['ttfe_idle']['first_content_s'], '.3f'):>9} "
               f"{fmt(m['ttfe_load']['first_step_s'], '.3f'):>9} {fmt(m['ttfe_load']['first_content_s'], '.3f'):>9}")
 
@@ -285,20 +301,21 @@ def main(argv=None) -> int:
     out_path = Path(args.out_dir) / f"{args.name}.json"
     bodies = requests_for(args)
     print(f"serve throughput: {args.model}, {args.decode}, gen_length {args.gen_length}, {args.steps} steps; "
-          f"{args.clients} clients x {args.requests} requests x {args.rounds} rounds per server; load {record['machine']['load_average']}", flush=True)
+          f"{args.clients} clients x {args.requests} requests x {args.rounds} rounds per server; "
+          f"load {record['machine']['load_average']}", flush=True)
     t0 = time.perf_counter()
     modes = (("batched", args.max_batch, args.window_ms), ("one-at-a-time", 1, 0.0))
     try:
         with contextlib.ExitStack() as stack:
-            bases = [stack.enter_context(server(args, mb, win)) for _, mb, win in modes]
+            servers = [stack.enter_context(server(args, mb, win)) for _, mb, win in modes]
             idle = []
-            for base in bases:  # warm-up (first forward, tokenizer, page faults), then the idle probes
+            for base, _ in servers:  # warm-up (first forward, tokenizer, page faults), then the idle probes
                 first_events(base, {**bodies[0][0], "seed": 1})
                 idle.append([first_events(base, {**bodies[p % len(bodies)][0], "seed": 2 + p}) for p in range(args.probes)])
             rounds: list[list[dict]] = [[], []]
             for rnd in range(args.rounds):  # alternate the order (ABBA...): a load change hits both sides
                 for k in ((0, 1) if rnd % 2 == 0 else (1, 0)):
-                    rd = load_round(bases[k], requests_for(args, rnd), probe_seed=500 + 100 * rnd)
+                    rd = load_round(*servers[k], requests_for(args, rnd), probe_seed=500 + 100 * rnd)
                     rounds[k].append(rd)
                     print(f"  round {rnd + 1} {modes[k][0]}: {sum(r[4] is None for r in rd['results'])}/"
                           f"{len(rd['results'])} ok in {rd['wall_s']:.1f} s", flush=True)
@@ -313,7 +330,10 @@ def main(argv=None) -> int:
     record["ratio"] = {"requests_per_s": b["requests_per_s"] / s["requests_per_s"],
                        "tokens_per_s": b["tokens_per_s"] / s["tokens_per_s"] if s["tokens_per_s"] else None,
                        "requests_per_s_per_round": [x["requests_per_s"] / y["requests_per_s"]
-                                                    for x, y in zip(b["rounds"], s["rounds"])]}
+                                                    for x, y in zip(b["rounds"], s["rounds"])],
+                       "server_cpu_per_request": (s["server_cpu_s_per_request"] / b["server_cpu_s_per_request"]
+                                                  if b["server_cpu_s_per_request"] else None)}
+    record["ratio"]["requests_per_s_median_round"] = statistics.median(record["ratio"]["requests_per_s_per_round"])
     record["elapsed_s"] = time.perf_counter() - t0
     record["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     atomic_write_json(out_path, record)
@@ -321,7 +341,8 @@ def main(argv=None) -> int:
     r = record["ratio"]
     by_round = ", ".join(f"{x:.2f}x" for x in r["requests_per_s_per_round"])
     print(f"batched / one-at-a-time: {r['requests_per_s']:.2f}x requests/s ({by_round} by round), "
-          f"{fmt(r['tokens_per_s'], '.2f')}x tokens/s; "
+          f"{fmt(r['tokens_per_s'], '.2f')}x tokens/s; server CPU seconds per request: "
+          f"{fmt(r['server_cpu_per_request'], '.2f')}x fewer; "
           f"wrote {out_path} ({record['elapsed_s']:.0f} s)")
     failed = any(m["ok"] < m["requests"] for m in record["modes"].values())
     return 1 if failed else 0

@@ -323,13 +323,14 @@ def test_serve_throughput_runs_both_servers(tmp_path):
     assert "batched / one-at-a-time:" in done.stdout
     rec = json.loads((tmp_path / "q.json").read_text())
     assert set(rec["modes"]) == {"batched", "one-at-a-time"}
-    assert set(rec["ratio"]) == {"requests_per_s", "tokens_per_s", "requests_per_s_per_round"}
+    assert set(rec["ratio"]) == {"requests_per_s", "tokens_per_s", "requests_per_s_per_round",
+                                 "requests_per_s_median_round", "server_cpu_per_request"}
     assert rec["ratio"]["requests_per_s"] > 0 and len(rec["ratio"]["requests_per_s_per_round"]) == 2
     for label, m in rec["modes"].items():
         assert m["requests"] == m["ok"] == 12 and m["errors"] == [] and len(m["rounds"]) == 2
         assert m["engine_rows"] >= 12 and 1 <= m["max_batch_seen"] <= (4 if label == "batched" else 1)
         assert m["tokens_per_s"] == pytest.approx(m["completion_tokens"] / m["wall_s"])
-        assert 0 < m["latency_p50_s"] <= m["latency_p95_s"]
+        assert 0 < m["latency_p50_s"] <= m["latency_p95_s"] and m["server_cpu_s_per_request"] > 0
         idle = m["ttfe_idle"]
         assert idle["n"] == 1 and idle["samples"][0]["error"] is None
         assert 0 < idle["first_step_s"] <= idle["total_s"]
