@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`difflm serve` throughput: dynamic batching against one request at a time, from one run.
 
-    python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 2 requests x 2 rounds
+    python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 2 requests x 4 rounds
     python bench/serve_throughput.py --clients 8 --requests 2 --gen-length 16 --steps 8 --name quick
 
 The real server runs as a subprocess (`python -m cli.main serve`, on a free loopback port), twice: first
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode", default="conv", help="the server's decode method")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--window-ms", type=float, default=10.0, help="the batching server's --batch-window-ms")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=int, default=4,
                     help="load rounds per server, alternating the servers (ABBA): a load change hits both")
     ap.add_argument("--probes", type=int, default=3, help="streamed probes on the idle server")
     ap.add_argument("--startup-s", type=float, default=180.0, help="wait at most this long for /health")

@@ -316,7 +316,7 @@ def test_serve_throughput_runs_both_servers(tmp_path):
     status 0, every request answered, one-at-a-time really ran batches of one, the streamed probes saw a step
     event, and the JSON has what the README names. Speed is not checked."""
     cmd = [sys.executable, str(BENCH_DIR / "serve_throughput.py"), "--clients", "3", "--requests", "2",
-           "--gen-length", "8", "--steps", "4", "--probes", "1", "--max-batch", "4", "--name", "q",
+           "--rounds", "2", "--gen-length", "8", "--steps", "4", "--probes", "1", "--max-batch", "4", "--name", "q",
            "--out-dir", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
