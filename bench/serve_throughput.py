@@ -4,21 +4,23 @@
     python bench/serve_throughput.py                          # make bench: tiny-math, 32 clients x 2 requests x 4 rounds
     python bench/serve_throughput.py --clients 8 --requests 2 --gen-length 16 --steps 8 --name quick
 
-The real server runs as a subprocess (`python -m cli.main serve`, on a free loopback port), twice: first
-with dynamic batching (`--max-batch`, `--batch-window-ms`), then with `--max-batch 1`. Against each, the same
+The real server runs as a subprocess (`python -m cli.main serve`, on a free loopback port), twice, both up at
+once: with dynamic batching (`--max-batch`, `--batch-window-ms`) and with `--max-batch 1`. They take turns in
+`--rounds` load rounds (order AB BA AB ...: a change in a shared machine's load hits both sides); in a round,
 `--clients` concurrent clients (threads, one HTTP connection each) send `--requests` chat completions each
-(distinct prompts and seeds; the same requests for both servers). Per server: requests/s and content
-tokens/s (usage.completion_tokens) over the wall time from the first request sent to the last answer,
-latency p50/p95, the share of that wall time the engine spent in `generate` (each batch's rows report the
-same `seconds`, so the distinct values are the batches), and the mean batch size (/health). The ratio
-batched / one-at-a-time is the headline.
+(distinct prompts and seeds; the same requests for both servers). Per server, over its rounds: requests/s and
+content tokens/s (usage.completion_tokens) over the summed wall time from the first request sent to the last
+answer, latency p50/p95, the share of that wall time the engine spent in `generate` (each batch's rows report
+the same `seconds`, so the distinct values are the batches), the mean batch size (/health) and the server
+process's CPU seconds per request (psutil; what does not depend on other jobs' load). The ratio batched /
+one-at-a-time is the headline.
 
 Time to first streamed event: streamed requests with `denoise: true`, timed to the first chunk carrying a
 difflm step event and to the first non-empty content delta, on the idle server (before the load; after one
 warm-up request) and under load (a probe client, not counted in the throughput, sending them while the
 clients run). Medians over the probes.
 
-Prints a table and writes bench/results/<name>.json atomically after each server. Exit status: 0, 1 if a
+Prints a table and writes bench/results/<name>.json atomically after each round. Exit status: 0, 1 if a
 server did not start or a request failed, 2 for bad options. The server inherits the environment
 (set OMP_NUM_THREADS=1 on a shared 2-core machine: two torch threads fighting other jobs ran 4x slower).
 """
