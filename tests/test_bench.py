@@ -308,3 +308,43 @@ def test_bench_exit_status_1_when_a_decoder_fails(tmp_path, monkeypatch, capsys)
     assert dec["ref-llada"] == {"impl": "reference", "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
     assert dec["llada"]["nfe"] == 16 and dec["conv"]["nfe"] > 0  # the others ran
     assert cell["equivalence"] == [] and cell["comparisons"] == []  # nothing to compare the failed one with
+
+
+@pytest.mark.slow
+def test_serve_throughput_runs_both_servers(tmp_path):
+    """bench/serve_throughput.py end to end in a tiny configuration (two real servers as subprocesses): exit
+    status 0, every request answered, one-at-a-time really ran batches of one, the streamed probes saw a step
+    event, and the JSON has what the README names. Speed is not checked."""
+    cmd = [sys.executable, str(BENCH_DIR / "serve_throughput.py"), "--clients", "3", "--requests", "2",
+           "--rounds", "2", "--gen-length", "8", "--steps", "4", "--probes", "1", "--max-batch", "4", "--name", "q",
+           "--out-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batched / one-at-a-time:" in done.stdout
+    rec = json.loads((tmp_path / "q.json").read_text())
+    assert set(rec["modes"]) == {"batched", "one-at-a-time"}
+    assert set(rec["ratio"]) == {"requests_per_s", "tokens_per_s", "requests_per_s_per_round",
+                                 "requests_per_s_median_round", "server_cpu_per_request"}
+    assert rec["ratio"]["requests_per_s"] > 0 and len(rec["ratio"]["requests_per_s_per_round"]) == 2
+    for label, m in rec["modes"].items():
+        assert m["requests"] == m["ok"] == 12 and m["errors"] == [] and len(m["rounds"]) == 2
+        assert m["engine_rows"] >= 12 and 1 <= m["max_batch_seen"] <= (4 if label == "batched" else 1)
+        assert m["tokens_per_s"] == pytest.approx(m["completion_tokens"] / m["wall_s"])
+        assert 0 < m["latency_p50_s"] <= m["latency_p95_s"] and m["server_cpu_s_per_request"] > 0
+        idle = m["ttfe_idle"]
+        assert idle["n"] == 1 and idle["samples"][0]["error"] is None
+        assert 0 < idle["first_step_s"] <= idle["total_s"]
+    assert rec["modes"]["one-at-a-time"]["mean_batch"] == 1.0
+
+
+def test_serve_throughput_exit_status(tmp_path):
+    """Bad options: 2 (argparse); a server that refuses its options: 1, with the reason in the JSON."""
+    script = str(BENCH_DIR / "serve_throughput.py")
+    bad = subprocess.run([sys.executable, script, "--clients", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--clients must be >= 1" in bad.stderr
+    cmd = [sys.executable, script, "--decode", "no-such-method", "--name", "e", "--out-dir", str(tmp_path),
+           "--startup-s", "120"]
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    rec = json.loads((tmp_path / "e.json").read_text())
+    assert "the server (--max-batch 32) exited (2)" in rec["error"] and rec["modes"] == {}
