@@ -59,6 +59,10 @@ def parse_args(argv=None):
     ap.add_argument("--gen-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--decode", default="conv", help="the server's decode method")
+    ap.add_argument("--prompt-format", default="raw", choices=["chat", "alpaca", "alpaca-cot", "raw"],
+                    help="the servers' --prompt-format (raw: what the embedded models were trained on)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of each server (OMP_NUM_THREADS; default: the environment's, else 1)")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--window-ms", type=float, default=10.0, help="the batching server's --batch-window-ms")
     ap.add_argument("--rounds", type=int, default=4,
@@ -71,6 +75,8 @@ def parse_args(argv=None):
     for key in ("clients", "requests", "rounds", "gen_length", "steps", "max_batch", "probes"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.window_ms < 0 or args.startup_s <= 0:
         ap.error("--window-ms must be >= 0 and --startup-s > 0")
     return args
@@ -87,8 +93,11 @@ def server(args, max_batch: int, window_ms: float):
     cmd = [sys.executable, "-m", "cli.main", "serve", "-m", args.model, "--port", str(port), "--host", "127.0.0.1",
            "--decode", args.decode, "--gen-length", str(args.gen_length), "--steps", str(args.steps),
            "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms),
-           "--max-queue", str(max(256, 4 * (args.clients + 1))), "--log-level", "warning"]
+           "--max-queue", str(max(256, 4 * (args.clients + 1))), "--log-level", "warning",
+           "--prompt-format", args.prompt_format]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
