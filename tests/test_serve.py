@@ -617,3 +617,41 @@ def test_cli_refuses_a_busy_port_and_bad_limits():
             res = CliRunner().invoke(app, ["serve", "-m", "tiny-math", *args])
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
             assert res.exit_code == 2 and len(lines) == 1 and key in lines[0], (args, res.output)
+
+
+def test_engine_stop_fails_the_running_request_instead_of_leaving_it_waiting(model):
+    """stop() while a row decodes: the row stops and its waiter gets an error (engine.run raises) rather
+    than waiting forever for a done event that will never come."""
+    from difflm.serve.engine import Engine
+
+    engine = Engine(model, max_batch=1, window_ms=0).start()
+    entered, go = threading.Event(), threading.Event()
+
+    def block():
+        entered.set()
+        assert go.wait(HTTP_TIMEOUT)
+
+    cfg = DecodeConfig(method="conv", gen_length=16, steps=8, seed=1)
+    outcome = []
+
+    def wait_for_answer():
+        try:
+            outcome.append(engine.run([5, 6, 7], cfg))
+        except RuntimeError as err:
+            outcome.append(err)
+
+    waiter = threading.Thread(target=wait_for_answer, daemon=True)  # daemon: a hang fails, not stalls
+    with forward_hook(model, block):
+        waiter.start()
+        assert entered.wait(HTTP_TIMEOUT)
+        stopper = threading.Thread(target=engine.stop, daemon=True)
+        stopper.start()
+        for _ in range(200):  # bounded: until stop() has flagged the running row
+            if engine._stopping:
+                break
+            time.sleep(0.01)
+        go.set()
+        waiter.join(HTTP_TIMEOUT)
+        stopper.join(HTTP_TIMEOUT)
+    assert not waiter.is_alive() and not stopper.is_alive(), "engine.run still waits after stop()"
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError) and "shutting down" in str(outcome[0])
