@@ -278,6 +278,27 @@ def test_denoise_event_stream(solo, model):
     assert model.tokenizer.decode(canvas[:n], skip_special_tokens=True) == text == done["text"]
 
 
+def test_denoise_events_of_several_prompts_name_their_choice(solo):
+    """/v1/completions with two prompts and n=2: four choices, and every step event says which one."""
+    url, _ = solo
+    body = {"prompt": [prompt(1), prompt(2)], "n": 2, "seed": 3, "stream": True, "denoise": True}
+    steps, finals = {}, {}
+    with httpx2.stream("POST", url + COMP, json=body, timeout=HTTP_TIMEOUT) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            ev = chunk.get("difflm")
+            if ev and ev["type"] == "step":
+                assert [c["index"] for c in chunk["choices"]] == [ev["index"]]
+                steps[ev["index"]] = steps.get(ev["index"], 0) + 1
+            elif ev:
+                finals[ev["index"]] = ev["text"]
+    assert steps == {i: 8 for i in range(4)} and sorted(finals) == [0, 1, 2, 3]
+    plain = post(url, COMP, {**body, "stream": False, "denoise": False}).json()["choices"]
+    assert [c["difflm"]["text"] for c in plain] == [finals[i] for i in range(4)]
+
+
 # -- 2./3. dynamic batching: exact, and under load -----------------------------------------------------------
 def _fire(url: str, ids, workers: int, **kw) -> list[str]:
     with ThreadPoolExecutor(workers) as pool:
