@@ -634,7 +634,8 @@ def test_cli_refuses_a_busy_port_and_bad_limits():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for args, key in ((("--port", str(port)), "--port"), (("--port", str(free_port()), "--max-batch", "0"), "--max-batch")):
+        cases = ((("--port", str(port)), "--port"), (("--port", str(free_port()), "--max-batch", "0"), "--max-batch"))
+        for args, key in cases:
             res = CliRunner().invoke(app, ["serve", "-m", "tiny-math", *args])
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
             assert res.exit_code == 2 and len(lines) == 1 and key in lines[0], (args, res.output)
