@@ -300,13 +300,14 @@ class _Run:
                         if keep.startswith(sent[i]) and len(keep) > len(sent[i]):
                             delta, sent[i] = keep[len(sent[i]):], keep
                     if delta or self.p.denoise:
-                        step = {k: v for k, v in ev.items() if k != "type"} if self.p.denoise else None
-                        yield self.sse([self.delta(i, delta, None)], difflm=step and {"type": "step", **step})
+                        step = {**ev, "index": i} if self.p.denoise else None  # i: the request's choice
+                        yield self.sse([self.delta(i, delta, None)], difflm=step)
                     continue
                 done[i] = ev
                 text, reason = self.final_text(ev)
                 rest = text[len(sent[i]):] if text.startswith(sent[i]) else ""
-                yield self.sse([self.delta(i, rest, reason)], difflm={"type": "done", **_summary(ev), "index": i})
+                yield self.sse([self.delta(i, rest, reason)], difflm={"type": "done", **_summary(ev), "index": i,
+                                                                      "token_ids": ev["token_ids"]})
             else:
                 if self.p.include_usage:
                     yield self.sse([], usage=self.usage(done))
@@ -352,4 +353,26 @@ def serve(model, settings: ServeSettings, *, host: str = "127.0.0.1", port: int 
 
     config = uvicorn.Config(create_app(model, settings), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_s, access_log=log_level == "debug")
-    uvicorn.Server(config).run()
+    with _stop_signals_handled():
+        uvicorn.Server(config).run()
+
+
+@contextlib.contextmanager
+def _stop_signals_handled():
+    """uvicorn handles SIGINT/SIGTERM itself, and after its graceful shutdown raises the signal again for
+    the handler that was there before it: Python's default would kill the process by SIGTERM (exit -15) or
+    raise KeyboardInterrupt (the CLI's "interrupted; rerun" exit 130) after a clean stop. A no-op handler
+    for that re-raise makes a signalled, cleanly stopped server exit 0."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -286,6 +286,9 @@ class Engine:
         for b, r in enumerate(rows):
             self._rows_done += 1
             if r.job.cancelled:
+                if self._stopping:  # stopped by stop(), not by its client: say so, or a waiter never wakes
+                    _emit(r.job, {"type": "error", "index": r.index, "status": 503,
+                                  "message": "the server is shutting down"})
                 continue
             if r.job.expired(now):
                 _emit(r.job, _timeout_event(r))
