@@ -100,22 +100,20 @@ def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, ma
         raise ConfigError(f"must be one of {', '.join(levels)}, got {log_level!r}", key="--log-level")
     if api_key is not None and not api_key.strip():
         raise ConfigError(f"is empty (from --api-key or ${API_KEY_ENV}): give a key or leave it unset", key="--api-key")
-    limits = Limits(max_tokens=max_tokens or 0, n=max_n, body_bytes=max_body_kb * 1024)
+    limits = Limits(max_tokens=max_tokens, n=max_n, body_bytes=max_body_kb * 1024)
     return ServeSettings(decode=cfg.decode, model_id=served_name or cfg.model.name or "difflm", prompt_format=prompt_format,
                          api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, timeout_s=timeout,
                          limits=limits)
 
 
 def _fit_limits(settings, model, cfg) -> None:
-    """--max-tokens defaults to the model's context; the defaults must fit what a request may ask."""
+    """The defaults must fit what a request may ask (--max-tokens, else the model's context)."""
     from difflm.errors import ConfigError
 
-    context = getattr(model, "max_length", None) or 4096
-    if not settings.limits.max_tokens:
-        settings.limits.max_tokens = context
-    if cfg.decode.gen_length > settings.limits.max_tokens:
-        raise ConfigError(f"the default gen_length {cfg.decode.gen_length} exceeds --max-tokens "
-                          f"{settings.limits.max_tokens}", key="decode.gen_length")
+    if cfg.decode.gen_length > settings.limits.tokens(model):
+        raise ConfigError(f"the default gen_length {cfg.decode.gen_length} exceeds the max_tokens limit "
+                          f"{settings.limits.tokens(model)} (--max-tokens, else the model's context)",
+                          key="decode.gen_length")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -291,7 +291,7 @@ def test_denoise_events_of_several_prompts_name_their_choice(solo):
             ev = chunk.get("difflm")
             if ev and ev["type"] == "step":
                 assert [c["index"] for c in chunk["choices"]] == [ev["index"]]
-                steps[ev["index"]] = steps.get(ev["index"], 0) + 1
+                steps[ev["index"]] = steps.get(ev["index"], 0) + (not ev["fill"])  # fill: no step of its own
             elif ev:
                 finals[ev["index"]] = ev["text"]
     assert steps == {i: 8 for i in range(4)} and sorted(finals) == [0, 1, 2, 3]
@@ -474,6 +474,14 @@ def test_slow_client_gets_408(guarded):
     assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"]
 
 
+def test_a_non_numeric_content_length_is_a_bad_request(guarded):
+    url, _ = guarded
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: abc\r\nConnection: close\r\n\r\n").encode()
+    status, body = _raw(url, head, b"{}")
+    assert status == 400, body  # uvicorn's h11 may refuse it itself (400 too); either way, not 413 or 500
+
+
 def test_disconnect_mid_stream_cancels_the_rows(guarded, model):
     """The client reads one event and goes away: its row stops decoding (far fewer forward passes than
     its steps), the engine returns to idle and the server keeps answering."""
@@ -531,6 +539,8 @@ def test_a_full_queue_answers_429_with_retry_after(model):
             first.result(timeout=HTTP_TIMEOUT)  # 200 (complete() asserts it)
             statuses = sorted(f.result(timeout=HTTP_TIMEOUT).status_code for f in rest)
             assert statuses == [200] * 2 + [429] * 6
+            # more choices than the queue can ever hold: a 400 now, not a 429 that no retry can cure
+            assert assert_openai_error(post(url, COMP, {"prompt": prompt(1), "n": 3}), 400)["param"] == "n"
             # an unsynchronised burst: only 200s and 429s, nothing hangs, memory stays put
             proc = psutil.Process()
             rss = []

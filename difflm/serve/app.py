@@ -140,7 +140,7 @@ def _config(model, settings: ServeSettings) -> dict:
     return {
         "model": settings.model_id, "decode": to_dict(settings.decode), "methods": [m for m in METHODS if fits(m)],
         "prompt_format": settings.prompt_format,
-        "limits": {"max_tokens": settings.limits.max_tokens, "n": settings.limits.n},
+        "limits": {"max_tokens": settings.limits.tokens(model), "n": settings.limits.n},
         "mask_token": tok.convert_ids_to_tokens(ids.mask_id) if tok is not None and ids.mask_id is not None else None,
         "stop_token_ids": list(ids.stop_ids), "context": getattr(model, "max_length", None),
         "api_key_required": settings.api_key is not None,
@@ -161,7 +161,9 @@ def _check_key(request: Request, settings: ServeSettings) -> None:
 async def _read_json(request: Request, settings: ServeSettings):
     limit = settings.limits.body_bytes
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None and not length.isdigit():
+        raise APIError(400, f"the Content-Length header {length[:40]!r} is not a number")
+    if length is not None and int(length) > limit:
         raise APIError(413, f"the body is larger than the limit of {limit} bytes", type="invalid_request_error")
     chunks, size = [], 0
 
@@ -213,6 +215,9 @@ class _Run:
         self.object = "chat.completion" if kind == "chat" else "text_completion"
 
     def submit(self, engine: Engine) -> None:
+        if self.total > engine.max_queue:  # would never fit: not a "retry later"
+            raise APIError(400, f"{self.total} choices (prompts x n) exceed the server's queue of {engine.max_queue} "
+                                "rows (--max-queue)", "n")
         try:
             for i, ids in enumerate(self.p.prompts):
                 base = i * self.p.n

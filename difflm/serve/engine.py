@@ -13,7 +13,9 @@ settings, up to `max_batch` rows, and decodes them together. Rows beyond `max_qu
 the queue, or stopped mid-run through `generate(cancelled=...)`.
 
 Events go to each request's `sink(event)` from the worker thread, as plain dicts:
-  step  {"type": "step", "index", "step", "nfe", "length", "masked", "committed": [[pos, id, text]], "remasked", "text"}
+  step  {"type": "step", "index", "step", "nfe", "length", "masked", "committed": [[pos, id, text]], "remasked", "text",
+         "fill"} (fill: true on the one extra event for the positions generate's final argmax pass filled, after
+         its last step; same step and nfe)
   done  {"type": "done", "index", "text", "token_ids", "content_tokens", "finish_reason", "nfe", "steps",
          "seconds", "tokens_per_second", "rep4", "seed" (the request's), "choice_seed" (the row's)}
   error {"type": "error", "index", "status", "message"}
@@ -334,7 +336,7 @@ class _StepWatch:
             _emit(r.job, {
                 "type": "step", "index": r.index, "step": ev["step"], "nfe": ev["nfe"], "length": len(cur),
                 "masked": cur.count(self.mask), "committed": committed, "remasked": remasked,
-                "text": self._prefix_text(b, cur),
+                "text": self._prefix_text(b, cur), "fill": only_changed,
             })
 
     def _prefix_text(self, b: int, cur: list[int]) -> str:

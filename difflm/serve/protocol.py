@@ -45,11 +45,15 @@ class APIError(Exception):
 
 @dataclass
 class Limits:
-    max_tokens: int = 1024  #: the largest max_tokens (gen_length) a request may ask for
+    max_tokens: int | None = None  #: the largest max_tokens (gen_length) a request may ask for (None: the context)
     n: int = 8  #: the most choices per request
     prompts: int = 16  #: the most prompts in one /v1/completions request
     body_bytes: int = 1 << 20
     stop: int = 4  #: stop strings (OpenAI's limit)
+
+    def tokens(self, model) -> int:
+        """The effective max_tokens limit: the one set, else the model's context (4096 if unknown)."""
+        return self.max_tokens or getattr(model, "max_length", None) or 4096
 
 
 @dataclass
@@ -196,8 +200,8 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
                        "model", code="model_not_found")
     max_tokens = _want(body, "max_completion_tokens", (int,), "an integer") or _want(body, "max_tokens", (int,), "an integer")
     gen_length = defaults.gen_length if max_tokens is None else max_tokens
-    if not 1 <= gen_length <= limits.max_tokens:
-        raise APIError(400, f"max_tokens must be in [1, {limits.max_tokens}], got {gen_length}", "max_tokens")
+    if not 1 <= gen_length <= limits.tokens(model):
+        raise APIError(400, f"max_tokens must be in [1, {limits.tokens(model)}], got {gen_length}", "max_tokens")
     n = _want(body, "n", (int,), "an integer", 1)
     if not 1 <= n <= limits.n:
         raise APIError(400, f"n must be in [1, {limits.n}], got {n}", "n")
