@@ -502,6 +502,30 @@ def test_disconnect_mid_stream_cancels_the_rows(guarded, model):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_cancels_the_rows(guarded, model):
+    """A non-streamed request whose client goes away after sending it: the server notices (it polls the
+    connection while it waits) and the row stops decoding."""
+    url, app = guarded
+    wait_idle(url)
+    calls, started = [], threading.Event()
+
+    def on_forward():
+        calls.append(1)
+        started.set()
+        time.sleep(0.05)  # a slow model, so the 128 steps would outlast the disconnect by far
+
+    body = json.dumps({"prompt": prompt(9), "max_tokens": 128, "steps": 128, "seed": 2}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST {COMP} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with forward_hook(model, on_forward):
+        with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as sock:
+            sock.sendall(head + body)
+            assert started.wait(HTTP_TIMEOUT)
+        wait_idle(url)  # bounded: raises if the row kept running
+    assert 1 <= len(calls) < 64, len(calls)  # not all 128 steps
+
+
 def test_the_guarded_server_still_answers(guarded):
     url, _ = guarded
     c = client(url, KEY)
