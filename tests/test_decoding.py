@@ -856,12 +856,49 @@ def test_greedy_commit_float32_path_makes_the_float64_decision(monkeypatch, path
     assert not torch.equal(naive, sel)
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_greedy_commit_at_ranks_in_float32_only_where_that_is_certain(monkeypatch, b):
+    """The uniform small path (every row: the same number of masked positions, the same count to commit)
+    ranks by a float32 softmax and commits what float64 commits: on near-ties float32 cannot order (~1e-10
+    apart) it ranks again in float64 (a float32-only ranking picks other positions here: checked), on clearly
+    separated confidences (or near-ties a conv scale pulls apart) it stays in float32 (no float64 softmax);
+    all / none committed need no ranking."""
+    exact_calls = []
+    real = S._max_prob
+    monkeypatch.setattr(S, "_max_prob", lambda z, scale, flat, exact: exact_calls.append(exact) or real(z, scale, flat, exact))
+    ties = _near_tie_logits(b=b, n=12, v=256, seed=4)
+    clear = ties.clone()
+    clear[:, :, 3] = torch.arange(12, dtype=torch.float32) * 0.5 + clear.amax(-1)[:, :1] - 2.0  # p(x0) apart
+    region = torch.zeros(b, 12, dtype=torch.bool)
+    region[:, 2:10] = True  # 8 masked positions per row
+    rows, cols = region.nonzero(as_tuple=True)
+    counts = torch.full((b,), 3)
+    for logits, certain in ((ties, False), (clear, True)):
+        for scale in (None, torch.linspace(0.5, 1.0, 12, dtype=torch.float64).expand(b, 12)):
+            exact_calls.clear()
+            vals = S.greedy_commit_at(logits, rows, cols, MASK, counts=counts, kmax=3, per_row=8, scale=scale)
+            x0, sel = S.greedy_commit(logits, region, counts=counts, scale=scale, exact=True)
+            got = torch.full((b, 12), MASK)
+            got[rows, cols] = vals
+            assert torch.equal(got, torch.where(sel, x0, torch.full_like(x0, MASK))), (certain, scale)
+            assert (True in exact_calls) == (not certain and scale is None), exact_calls
+    _, sel = S.greedy_commit(ties, region, counts=counts, exact=True)
+    approx = S._max_prob(ties[rows, cols], None, cols, exact=False).view(b, 8)
+    naive = torch.sort(approx, dim=1, descending=True, stable=True).indices[:, :3] + 2
+    assert not torch.equal(naive, sel.nonzero(as_tuple=True)[1].view(b, 3))
+    exact_calls.clear()
+    assert (S.greedy_commit_at(ties, rows, cols, MASK, kmax=0, per_row=8) == MASK).all()
+    everything = S.greedy_commit_at(ties, rows, cols, MASK, kmax=8, per_row=8)
+    assert torch.equal(everything, ties[rows, cols].argmax(-1)) and exact_calls == []
+
+
 @pytest.mark.parametrize("exact_below", [0, 1 << 30])
 def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypatch, exact_below):
     """generate's llada / threshold / llada_conv (greedy) commit what the float64 confidences decide:
     rows that are one base row with ulp-sized bumps, through the whole loop (float32-first path and the
-    small-work float64 path)."""
+    small-work paths: float32-ranked for llada and llada_conv, float64 for threshold)."""
     monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(S, "GREEDY_GATHER_BELOW", exact_below)
     table = _near_tie_logits(b=1, n=18, v=64, seed=2)[0]
     table[:, MASK] = float("-inf")
     assert table.double().softmax(-1).max() < 0.99  # no position is certain: threshold 1.0 commits one per step
@@ -909,6 +946,7 @@ def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypa
     from difflm.decoding import loop
 
     monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(S, "GREEDY_GATHER_BELOW", exact_below)
     monkeypatch.setattr(loop, "_NARROW_EACH_STEP_FROM", narrow_from)
     v = 40
     table = torch.randn(7, v, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

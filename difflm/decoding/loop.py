@@ -393,9 +393,11 @@ class _Decoder:
                 scale = scale[:, lo:]
             if greedy:  # float32 first, float64 where it decides; float64 directly when the work is small
                 rows, cols = region.nonzero(as_tuple=True)
-                if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
-                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform and not self.dropped else None
-                    counts = schedule[:, i] if tau is None and per_row is None else None
+                # every row commits the same count of the same number of masked positions: one ranked sort
+                per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform and not self.dropped else None
+                small = S.GREEDY_GATHER_BELOW if per_row is not None else S.GREEDY_EXACT_BELOW
+                if rows.numel() * logits.shape[-1] < small:
+                    counts = schedule[:, i] if tau is None else None
                     vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
                                               tau=tau, scale=scale)
                     if cfg.eos_fill:

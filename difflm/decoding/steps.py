@@ -289,6 +289,12 @@ def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 #: greedy_commit decides in float64 directly below this many logits read per step (the float32-first path
 #: saves memory traffic but costs more kernel launches: at a 2k vocabulary and batch 1 those dominate)
 GREEDY_EXACT_BELOW = 1 << 17
+#: a step whose rows all commit the same count of the same number of masked positions (llada without EOS
+#: fill) gathers their logits and ranks them by a certified float32 softmax (`greedy_commit_at`) below this
+#: many logits (a 16 MB float32 gather); above, `greedy_commit` reads the block in place, in cache-sized chunks
+#: (measured on the 2-core CPU: the gather is faster at V 2048 batch 4-16 and V 32000 batch 1-4, slower at
+#: V 32000 batch 16's first steps, 16 M logits)
+GREEDY_GATHER_BELOW = 1 << 22
 
 
 def greedy_commit(
@@ -339,26 +345,39 @@ def greedy_commit_at(
     logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mask_id: int, *, counts: torch.Tensor | None = None,
     kmax: int | None = None, per_row: int | None = None, tau: float | None = None, scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`greedy_commit`'s small-work path (float64 softmax directly) in few kernels, for the region positions
-    (rows, cols) (`region.nonzero(as_tuple=True)`, row-major): the new value of each of them, [N] long: its
-    argmax token where it commits, `mask_id` (it stays masked) elsewhere. The same decision as
-    `greedy_commit`. per_row: every row of logits has exactly per_row region positions and commits `kmax`
-    of them (llada without EOS fill: the caller knows it from the schedule), so the top-k is one sort of
-    [B, per_row]; else with `tau` and one row, a threshold over the positions; else `commit_top` /
-    `commit_threshold` over a [B, L] confidence tensor."""
+    """`greedy_commit`'s small-work path in few kernels, for the region positions (rows, cols)
+    (`region.nonzero(as_tuple=True)`, row-major): the new value of each of them, [N] long: its argmax token
+    where it commits, `mask_id` (it stays masked) elsewhere. The same decision as `greedy_commit` (the
+    float64 one). per_row: every row of logits has exactly per_row region positions and commits `kmax` of
+    them (llada without EOS fill: the caller knows it from the schedule), so the top-k is one sort of
+    [B, per_row], ranked by a float32 softmax (less than half the cost of float64 at a 2k vocabulary, where the
+    step's softmax is most of its time) and certified in one host sync: every row's k-th confidence lies above
+    its (k + 1)-th by more than both error bounds (`softmax32_rtol`), so float64 would pick the same set; else
+    (a near-tie, ties included) the step is ranked again in float64. A step that commits all or none of its
+    positions ranks nothing. Otherwise float64 directly: with `tau` and one row, a threshold over the
+    positions; else `commit_top` / `commit_threshold` over a [B, L] confidence tensor."""
     b, n, v = logits.shape
     flat = cols if b == 1 else rows * n + cols
     z = torch.index_select(logits.reshape(-1, v), 0, flat)
-    # the float64 probability of the argmax is the largest one (see `_region_max`): an amax, no index
-    # tracking (an index-tracking max over [N, V] costs several times more); the argmax is taken at the
-    # committed positions only
-    c = torch.softmax(z.double(), -1).amax(-1)
-    if scale is not None:
-        c = c * scale.reshape(-1)[flat]
+    vals = torch.full_like(flat, mask_id)
     if tau is None and per_row is not None and rows.numel() == b * per_row:
-        order = torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True).indices[:, :kmax]
-        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=c.device)[:, None]).view(-1)
+        if kmax <= 0:
+            return vals
+        if kmax >= per_row:  # every position commits: no ranking needed
+            vals.copy_(z.argmax(-1))
+            return vals
+        def ranked(exact: bool):  # stable: equal confidences keep positional order, as `commit_top`
+            return torch.sort(_max_prob(z, scale, flat, exact).view(b, per_row), dim=1, descending=True, stable=True)
+
+        approx = z.dtype != torch.float64
+        srt = ranked(exact=not approx)
+        if approx and not _separated(srt.values, kmax, softmax32_rtol(v)):
+            srt = ranked(exact=True)
+        order = srt.indices[:, :kmax]
+        offsets = torch.arange(0, b * per_row, per_row, device=z.device)[:, None]
+        pick = order[0] if b == 1 else (order + offsets).view(-1)
     else:
+        c = _max_prob(z, scale, flat, exact=True)
         if tau is not None and b == 1:
             keep = c >= tau  # and the most confident position (argmax: the first maximum, as `_best`)
             keep[c.argmax()] = True
@@ -367,9 +386,26 @@ def greedy_commit_at(
             conf.view(-1)[flat] = c
             keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
         pick = keep.nonzero().squeeze(1)
-    vals = torch.full_like(flat, mask_id)
+    # the argmax (an index-tracking reduction, several times an amax over [N, V]) at the committed positions only
     vals[pick] = torch.index_select(z, 0, pick).argmax(-1)
     return vals
+
+
+def _max_prob(z: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The softmax probability of each row's argmax [N] (times the positions' `scale`, in float64): from a
+    float64 softmax when exact (as LLaDA computes it), else from z's own (float32: within a relative
+    `softmax32_rtol(V)` of it). The probability of the argmax is the largest one (see `_region_max`): an
+    amax, no index tracking."""
+    c = torch.softmax(z.double() if exact else z, -1).amax(-1)
+    return c if scale is None else c.double() * scale.reshape(-1)[flat]
+
+
+def _separated(ranked: torch.Tensor, k: int, rtol: float) -> bool:
+    """Whether every row's top-k set of `ranked` [B, n] (sorted descending; values known to a relative
+    `rtol`) is certain: its k-th value's lower bound lies above its (k + 1)-th's upper bound, compared in
+    float64 (one host sync). Equal values (ties) are never certain."""
+    r = ranked[:, k - 1 : k + 1].double()
+    return bool((r[:, 0] * (1 - rtol) > r[:, 1] * (1 + rtol)).all())
 
 
 def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
