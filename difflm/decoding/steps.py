@@ -353,7 +353,8 @@ def greedy_commit_at(
     [B, per_row], ranked by a float32 softmax (less than half the cost of float64 at a 2k vocabulary, where the
     step's softmax is most of its time) and certified in one host sync: every row's k-th confidence lies above
     its (k + 1)-th by more than both error bounds (`softmax32_rtol`), so float64 would pick the same set; else
-    (a near-tie, ties included) the step is ranked again in float64. A step that commits all or none of its
+    (a near-tie, ties included) the positions whose interval reaches the boundary (`uncertain_positions`) are
+    recomputed in float64 and the step ranked again, as `greedy_commit` does. A step that commits all or none of its
     positions ranks nothing. Otherwise float64 directly: with `tau` and one row, a threshold over the
     positions; else `commit_top` / `commit_threshold` over a [B, L] confidence tensor."""
     b, n, v = logits.shape
@@ -366,13 +367,18 @@ def greedy_commit_at(
         if kmax >= per_row:  # every position commits: no ranking needed
             vals.copy_(z.argmax(-1))
             return vals
-        def ranked(exact: bool):  # stable: equal confidences keep positional order, as `commit_top`
-            return torch.sort(_max_prob(z, scale, flat, exact).view(b, per_row), dim=1, descending=True, stable=True)
+        def ranked(c):  # stable: equal confidences keep positional order, as `commit_top`
+            return torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True)
 
         approx = z.dtype != torch.float64
-        srt = ranked(exact=not approx)
+        c = _max_prob(z, scale, flat, exact=not approx)
+        srt = ranked(c)
         if approx and not _separated(srt.values, kmax, softmax32_rtol(v)):
-            srt = ranked(exact=True)
+            # float64 for the positions whose interval reaches the boundary, then rank again (`greedy_commit`)
+            sel = torch.zeros((b, per_row), dtype=torch.bool, device=z.device).scatter_(1, srt.indices[:, :kmax], True)
+            redo = uncertain_positions(c.view(b, per_row), sel, softmax32_rtol(v)).view(-1).nonzero().squeeze(1)
+            c[redo] = _max_prob(torch.index_select(z, 0, redo), scale, flat[redo], exact=True)
+            srt = ranked(c)
         order = srt.indices[:, :kmax]
         offsets = torch.arange(0, b * per_row, per_row, device=z.device)[:, None]
         pick = order[0] if b == 1 else (order + offsets).view(-1)
@@ -392,12 +398,12 @@ def greedy_commit_at(
 
 
 def _max_prob(z: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor, exact: bool) -> torch.Tensor:
-    """The softmax probability of each row's argmax [N] (times the positions' `scale`, in float64): from a
+    """The softmax probability of each row's argmax [N] float64 (times the positions' `scale`): from a
     float64 softmax when exact (as LLaDA computes it), else from z's own (float32: within a relative
     `softmax32_rtol(V)` of it). The probability of the argmax is the largest one (see `_region_max`): an
     amax, no index tracking."""
-    c = torch.softmax(z.double() if exact else z, -1).amax(-1)
-    return c if scale is None else c.double() * scale.reshape(-1)[flat]
+    c = torch.softmax(z.double() if exact else z, -1).amax(-1).double()
+    return c if scale is None else c * scale.reshape(-1)[flat]
 
 
 def _separated(ranked: torch.Tensor, k: int, rtol: float) -> bool:
