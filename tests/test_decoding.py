@@ -423,6 +423,29 @@ def test_batch_equals_single_with_left_padding(tiny_llama, method):
         assert batch.sequences[i, plen:].tolist() == single.sequences[0, len(p):].tolist(), method
 
 
+@pytest.mark.parametrize("method", ["llada", "llada_conv", "threshold", "topk"])
+def test_cancelled_row_stops_and_the_other_rows_decode_as_alone(tiny_llama, method):
+    """`generate(cancelled=)`: a row flagged after the second step leaves the forward pass, its masked
+    positions become EOS, and the other row decodes what it decodes alone (the greedy llada steps that skip
+    the per-step row check when every row commits alike must still ask `cancelled`)."""
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    seeds = [item_seed(0, "a"), item_seed(0, "b")]
+    cfg = _cfg(method, threshold=1.0) if method == "threshold" else _cfg(method)  # threshold 1.0: one per step
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return [False, len(asked) > 2]
+
+    out = generate(tiny_llama, prompt, cfg, mask_id=TMASK, eos_id=TEOS, row_seeds=seeds, cancelled=cancelled)
+    alone = generate(tiny_llama, prompt[:1], cfg, mask_id=TMASK, eos_id=TEOS, row_seeds=seeds[:1])
+    assert len(asked) == out.steps_run and out.steps_run > 3
+    assert torch.equal(out.sequences[0], alone.sequences[0])
+    gen = out.sequences[1, 4:]
+    assert not (gen == TMASK).any() and (gen == TEOS).sum() >= 16 - 2 * 4  # at most 2 steps of tokens
+    assert out.row_passes < 2 * out.nfe
+
+
 def test_eos_fill_saves_forward_passes():
     table = torch.full((1 + 16, V), -3.0)
     table[1:, EOS] = 3.0  # EOS everywhere, most confident

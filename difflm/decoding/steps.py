@@ -380,8 +380,7 @@ def greedy_commit_at(
             c[redo] = _max_prob(torch.index_select(z, 0, redo), scale, flat[redo], exact=True)
             srt = ranked(c)
         order = srt.indices[:, :kmax]
-        offsets = torch.arange(0, b * per_row, per_row, device=z.device)[:, None]
-        pick = order[0] if b == 1 else (order + offsets).view(-1)
+        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=z.device)[:, None]).view(-1)
     else:
         c = _max_prob(z, scale, flat, exact=True)
         if tau is not None and b == 1:
@@ -409,9 +408,8 @@ def _max_prob(z: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor, e
 def _separated(ranked: torch.Tensor, k: int, rtol: float) -> bool:
     """Whether every row's top-k set of `ranked` [B, n] (sorted descending; values known to a relative
     `rtol`) is certain: its k-th value's lower bound lies above its (k + 1)-th's upper bound, compared in
-    float64 (one host sync). Equal values (ties) are never certain."""
-    r = ranked[:, k - 1 : k + 1].double()
-    return bool((r[:, 0] * (1 - rtol) > r[:, 1] * (1 + rtol)).all())
+    float64 on the host (one sync; B pairs). Equal values (ties) are never certain."""
+    return all(a * (1 - rtol) > b * (1 + rtol) for a, b in ranked[:, k - 1 : k + 1].tolist())
 
 
 def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
