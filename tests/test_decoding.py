@@ -915,6 +915,21 @@ def test_greedy_commit_at_ranks_in_float32_only_where_that_is_certain(monkeypatc
     assert torch.equal(everything, ties[rows, cols].argmax(-1)) and exact_calls == []
 
 
+def test_threshold_on_the_host_decides_only_what_the_bound_certifies():
+    """One row's threshold commit on the host (`_threshold_host`): every confidence >= tau, else the first most
+    confident; with an error bound, None (recompute in float64) where a confidence's interval holds tau or the
+    top two overlap; the same decisions as `commit_threshold` where it answers."""
+    cases = [([0.5, 0.95, 0.91], 0.9), ([0.3, 0.5, 0.2], 0.9), ([0.5, 0.5, 0.1], 0.9), ([0.9, 0.2], 0.9)]
+    for conf, tau in cases:
+        want = S.commit_threshold(torch.tensor([conf], dtype=torch.float64), tau)[0].nonzero().squeeze(1).tolist()
+        assert S._threshold_host(conf, tau, 0.0) == want, conf
+    assert S._threshold_host([0.5, 0.95, 0.91], 0.9, 1e-3) == [1, 2]
+    assert S._threshold_host([0.3, 0.5, 0.2], 0.9, 1e-3) == [1]
+    assert S._threshold_host([0.5, 0.9001, 0.2], 0.9, 1e-3) is None  # 0.9001 within the bound of tau
+    assert S._threshold_host([0.5, 0.4999, 0.2], 0.9, 1e-3) is None  # the top two within the bound
+    assert S._threshold_host([0.5, 0.5, 0.1], 0.9, 0.0) == [0]  # a tie: the first maximum, as argmax
+
+
 @pytest.mark.parametrize("exact_below", [0, 1 << 30])
 def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypatch, exact_below):
     """generate's llada / threshold / llada_conv (greedy) commit what the float64 confidences decide:

@@ -355,8 +355,9 @@ def greedy_commit_at(
     its (k + 1)-th by more than both error bounds (`softmax32_rtol`), so float64 would pick the same set; else
     (a near-tie, ties included) the positions whose interval reaches the boundary (`uncertain_positions`) are
     recomputed in float64 and the step ranked again, as `greedy_commit` does. A step that commits all or none of its
-    positions ranks nothing. Otherwise float64 directly: with `tau` and one row, a threshold over the
-    positions; else `commit_top` / `commit_threshold` over a [B, L] confidence tensor."""
+    positions ranks nothing. With `tau` and one row, the threshold is decided on the host
+    (`_threshold_host`: float32 confidences where the bound certifies every decision, else float64); otherwise
+    float64 directly, `commit_top` / `commit_threshold` over a [B, L] confidence tensor."""
     b, n, v = logits.shape
     flat = cols if b == 1 else rows * n + cols
     z = torch.index_select(logits.reshape(-1, v), 0, flat)
@@ -367,6 +368,7 @@ def greedy_commit_at(
         if kmax >= per_row:  # every position commits: no ranking needed
             vals.copy_(z.argmax(-1))
             return vals
+
         def ranked(c):  # stable: equal confidences keep positional order, as `commit_top`
             return torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True)
 
@@ -381,15 +383,17 @@ def greedy_commit_at(
             srt = ranked(c)
         order = srt.indices[:, :kmax]
         pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=z.device)[:, None]).view(-1)
+    elif tau is not None and b == 1:  # decided on the host: float32 where certain, else float64
+        approx = z.dtype != torch.float64
+        picked = _threshold_host(_max_prob(z, scale, flat, exact=not approx).tolist(), tau, softmax32_rtol(v) * approx)
+        if picked is None:
+            picked = _threshold_host(_max_prob(z, scale, flat, exact=True).tolist(), tau, 0.0)
+        pick = torch.tensor(picked, dtype=torch.long, device=z.device)
     else:
         c = _max_prob(z, scale, flat, exact=True)
-        if tau is not None and b == 1:
-            keep = c >= tau  # and the most confident position (argmax: the first maximum, as `_best`)
-            keep[c.argmax()] = True
-        else:
-            conf = torch.full((b, n), float("-inf"), dtype=torch.float64, device=c.device)
-            conf.view(-1)[flat] = c
-            keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
+        conf = torch.full((b, n), float("-inf"), dtype=torch.float64, device=c.device)
+        conf.view(-1)[flat] = c
+        keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
         pick = keep.nonzero().squeeze(1)
     # the argmax (an index-tracking reduction, several times an amax over [N, V]) at the committed positions only
     vals[pick] = torch.index_select(z, 0, pick).argmax(-1)
@@ -403,6 +407,24 @@ def _max_prob(z: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor, e
     amax, no index tracking."""
     c = torch.softmax(z.double() if exact else z, -1).amax(-1).double()
     return c if scale is None else c * scale.reshape(-1)[flat]
+
+
+def _threshold_host(conf: list[float], tau: float, rtol: float) -> list[int] | None:
+    """`commit_threshold` of one row's confidences, known to a relative `rtol`, on the host: the indices with
+    confidence >= tau, or if there are none the first most confident one; None where `rtol` leaves a
+    decision uncertain (a confidence within the bound of tau; the top two within the bound of each other)."""
+    keep = []
+    for j, c in enumerate(conf):
+        if c * (1 - rtol) >= tau:
+            keep.append(j)
+        elif c * (1 + rtol) >= tau:
+            return None
+    if keep or not conf:
+        return keep
+    best = max(range(len(conf)), key=conf.__getitem__)  # the first maximum, as argmax
+    if rtol and any(j != best and c * (1 + rtol) >= conf[best] * (1 - rtol) for j, c in enumerate(conf)):
+        return None
+    return [best]
 
 
 def _separated(ranked: torch.Tensor, k: int, rtol: float) -> bool:
