@@ -8,12 +8,18 @@ timed in the same run with interleaved repetitions.
 
 The stand-in model (`StandIn`) looks its logits up in a random table by a hash of each position's two
 neighbours (float32), so a forward pass costs little next to the sampler; it computes the generated positions' logits
-only, for difflm and the plain loops alike (`logits_to_keep`). Per (method, batch): the median seconds per
-generate call of each side over `--repeats` interleaved repetitions (after one warm-up call each; the
-mass methods: `--mass-repeats`, 1, and no warm-up of their plain loop, which takes seconds a call), the
-median forward seconds inside them, and the speed-up reference / difflm. For the greedy methods
-(llada, threshold, llada_conv at temperature 0) both sides must commit the same tokens: the check is
-printed and a mismatch makes the exit status 1. Writes bench/results/<name>.json atomically.
+only, for difflm and the plain loops alike (`logits_to_keep`). Per (method, batch): both sides are called in
+interleaved pairs (the order alternates; one warm-up call each first) until each side has at least
+`--repeats` timed calls and `--min-seconds` of them, or `--max-repeats` calls (the mass methods:
+`--mass-repeats`, 1, and no warm-up of their plain loop, which takes seconds a call). Time is the process's
+CPU time (`--clock cpu`, the default; torch runs `--threads` 1 thread, so it is the time the call ran, less
+the time other processes held the core: on a shared machine that is what varies between calls) or wall time
+(`--clock wall`); both are recorded. Reported: the median seconds per generate call of each side, the
+speed-up median(plain) / median(difflm), the spread of the speed-up over the pairs (quartiles of
+plain_i / difflm_i, the two calls of pair i adjacent in time), the wall-clock speed-up, and difflm's forward
+share. For the greedy methods (llada, threshold, llada_conv at temperature 0) both sides must commit the
+same tokens: the check is printed and a mismatch makes the exit status 1. Writes bench/results/<name>.json
+atomically.
 """
 
 from __future__ import annotations
@@ -78,15 +84,16 @@ class StandIn:
 
     accepts_logits_to_keep = True
 
-    def __init__(self, vocab: int, buckets: int = 512, max_len: int = 4096, seed: int = 0):
+    def __init__(self, vocab: int, buckets: int = 512, max_len: int = 4096, seed: int = 0, clock=time.perf_counter):
         g = torch.Generator().manual_seed(seed)
+        self.clock = clock
         self.table = torch.randn(buckets, vocab, generator=g) * 2.0
         self.scale = 1.0 + torch.arange(max_len, dtype=torch.float32) / 1000
         self.buckets, self.mask_id = buckets, vocab - 1
         self.calls, self.forward_s = 0, 0.0
 
     def __call__(self, input_ids, attention_mask=None, logits_to_keep=None):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         b, n = input_ids.shape
         xp = torch.nn.functional.pad(input_ids, (1, 1), value=0)
         key = (xp[:, :-2] * 7919 + xp[:, 2:]) % self.buckets
@@ -97,7 +104,7 @@ class StandIn:
         logits.mul_(scale[None, :, None])
         logits[..., self.mask_id] = float("-inf")
         self.calls += 1
-        self.forward_s += time.perf_counter() - t0
+        self.forward_s += self.clock() - t0
         return logits
 
 
@@ -132,11 +139,77 @@ def run_reference(model, prompt, s: dict, ids: dict, seed: int):
                                    kernel_size=s.get("kernel_size"), generator=g)[0]
 
 
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
 def timed(model, fn, *a):
+    """(result, wall s, cpu s, forward s on the model's clock, NFE) of one call."""
     model.calls, model.forward_s = 0, 0.0
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     x = fn(model, *a)
-    return x, time.perf_counter() - t0, model.forward_s, model.calls
+    return x, time.perf_counter() - t0, time.process_time() - c0, model.forward_s, model.calls
+
+
+def quartiles(v: list[float]) -> tuple[float, float]:
+    """(lower, upper) quartile of v (the values themselves when there are fewer than 4)."""
+    if len(v) < 4:
+        return min(v), max(v)
+    q = statistics.quantiles(v, n=4)
+    return q[0], q[2]
+
+
+def measure(model, prompt, s: dict, ids: dict, args, mass: bool) -> dict:
+    """Interleaved calls of both sides (see the module docstring): {side: [(wall, cpu, forward)]}, and the
+    last result and NFE of each side."""
+    sides = {"difflm": run_difflm, "plain": run_reference}
+    meas = {k: [] for k in sides}
+    xs = {}
+    key = 1 if args.clock == "cpu" else 0
+    lo = min(args.repeats, args.mass_repeats) if mass else args.repeats
+    hi = lo if mass else max(args.repeats, args.max_repeats)
+    rep = 0
+    while True:
+        done = len(meas["difflm"])
+        if done >= hi or (done >= lo and all(sum(m[key] for m in v) >= args.min_seconds for v in meas.values())):
+            break
+        for k, fn in (sides.items() if rep % 2 == 0 else reversed(sides.items())):
+            if rep == 0 and mass and k == "plain":  # no warm-up call of a mass method's plain loop
+                continue
+            x, wall, cpu, fwd, nfe = timed(model, fn, prompt, s, ids, args.seed)
+            xs[k] = (x, nfe)
+            if rep:  # the first call of each side is a warm-up
+                meas[k].append((wall, cpu, fwd))
+        rep += 1
+    return meas, xs
+
+
+def measure_row(model, prompt, m: str, B: int, ids: dict, args) -> dict:
+    """Time one (method, batch) cell (`measure`), print its line, return its JSON row."""
+    meas, xs = measure(model, prompt, settings(m, args), ids, args, mass=m not in GREEDY)
+    key = 1 if args.clock == "cpu" else 0
+    med = {k: statistics.median(c[key] for c in v) for k, v in meas.items()}
+    wall = {k: statistics.median(c[0] for c in v) for k, v in meas.items()}
+    fwd = {k: statistics.median(c[2] for c in v) for k, v in meas.items()}
+    pairs = [p[key] / d[key] for d, p in zip(meas["difflm"], meas["plain"])]
+    q1, q3 = quartiles(pairs)
+    speedup = med["plain"] / med["difflm"]
+    row = dict(method=m, batch=B, clock=args.clock, difflm_s=med["difflm"], plain_s=med["plain"], speedup=speedup,
+               speedup_pairs_q1=q1, speedup_pairs_q3=q3, speedup_pairs_min=min(pairs), speedup_pairs_max=max(pairs),
+               speedup_wall=wall["plain"] / wall["difflm"], difflm_wall_s=wall["difflm"], plain_wall_s=wall["plain"],
+               difflm_forward_s=fwd["difflm"], plain_forward_s=fwd["plain"], calls=len(pairs),
+               difflm_nfe=xs["difflm"][1], plain_nfe=xs["plain"][1],
+               difflm_s_all=[c[key] for c in meas["difflm"]], plain_s_all=[c[key] for c in meas["plain"]],
+               difflm_wall_s_all=[c[0] for c in meas["difflm"]], plain_wall_s_all=[c[0] for c in meas["plain"]])
+    check = ""
+    if m in GREEDY:
+        diff = int((xs["difflm"][0] != xs["plain"][0]).sum())
+        row["mismatched_tokens"] = diff
+        check = "IDENTICAL" if diff == 0 else f"MISMATCH ({diff} tokens differ)"
+    share = fwd["difflm"] / med["difflm"]
+    print(f"{m:<12} {B:>5} {med['difflm']:>9.4f} {med['plain']:>9.4f} {speedup:>7.2f}x {f'{q1:.2f}-{q3:.2f}x':>13} "
+          f"{row['speedup_wall']:>5.2f}x {len(pairs):>5} {100 * share:>8.0f}% "
+          f"{xs['difflm'][1]:>3}/{xs['plain'][1]:<3}  {check}", flush=True)
+    return row
 
 
 def parse_args(argv=None):
@@ -151,7 +224,13 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-size", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed repetitions per side (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="at least this many interleaved timed calls per side")
+    ap.add_argument("--min-seconds", type=float, default=1.0,
+                    help="more interleaved calls until each side has this many timed seconds (up to --max-repeats)")
+    ap.add_argument("--max-repeats", type=int, default=41, help="at most this many timed calls per side")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="cpu: process CPU time (needs --threads 1); wall: wall-clock time")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (torch.set_num_threads)")
     ap.add_argument("--mass-repeats", type=int, default=1,
                     help="timed calls per side for the mass methods (their plain loops take seconds; no warm-up)")
     ap.add_argument("--seed", type=int, default=0)
@@ -162,14 +241,26 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        print("--clock cpu sums the CPU time of every thread: use it with --threads 1", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (tests call main in-process)
+
+
+def run(args, argv: list[str]) -> int:
     t_start = time.perf_counter()
     malloc = pin_malloc()
     V = args.vocab
     ids = dict(mask_id=V - 1, eos_id=V - 2)
-    model = StandIn(V, seed=args.seed)
+    model = StandIn(V, seed=args.seed, clock=CLOCKS[args.clock])
     record = dict(
         name=args.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        command=["bench/sampler_regime.py", *(sys.argv[1:] if argv is None else argv)],
+        command=["bench/sampler_regime.py", *argv],
         machine=dict(cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      load_average=os.getloadavg() if hasattr(os, "getloadavg") else None),
         torch=torch.__version__, malloc=malloc, settings=vars(args), reference_does=REFERENCE_DOES, rows=[],
@@ -177,53 +268,22 @@ def main(argv=None) -> int:
     out_path = Path(args.out_dir) / f"{args.name}.json"
     print(f"sampler regime: stand-in model (table lookup) V {V}, prompt {args.prompt_length}, gen_length "
           f"{args.gen_length}, {args.steps} steps, block {args.block_length}, K {args.kernel_size}, top-k "
-          f"{args.top_k}; {torch.get_num_threads()} torch threads; medians of {args.repeats} interleaved calls; "
-          f"{malloc}")
+          f"{args.top_k}; {torch.get_num_threads()} torch threads; {args.clock} time, medians of "
+          f"{args.repeats}-{max(args.repeats, args.max_repeats)} interleaved calls per side "
+          f"(>= {args.min_seconds:g} s each); {malloc}")
     print("plain loops (bench/reference.py):")
     for m in args.methods:
         print(f"  {m:<12} {REFERENCE_DOES[m]}")
-    head = (f"{'method':<12} {'batch':>5} {'difflm s':>9} {'plain s':>9} {'speed-up':>8} {'fwd share':>9} "
-            f"{'NFE':>7}  greedy tokens")
-    print(head)
+    print(f"{'method':<12} {'batch':>5} {'difflm s':>9} {'plain s':>9} {'speed-up':>8} {'pairs q1-q3':>13} "
+          f"{'wall':>6} {'calls':>5} {'fwd share':>9} {'NFE':>7}  greedy tokens")
     failed = 0
     gp = torch.Generator().manual_seed(args.seed)
     prompts = {b: torch.randint(0, V - 2, (b, args.prompt_length), generator=gp) for b in args.batch}
     for B in args.batch:
-        prompt = prompts[B]
         for m in args.methods:
-            s = settings(m, args)
-            sides = {"difflm": run_difflm, "plain": run_reference}
-            meas = {k: [] for k in sides}
-            xs = {}
-            # the mass methods' plain loops take seconds per call and are an order of magnitude slower:
-            # --mass-repeats (1) timed calls each, and no warm-up call of the plain side
-            mass = m not in GREEDY
-            repeats = min(args.repeats, args.mass_repeats) if mass else args.repeats
-            for rep in range(repeats + 1):  # the first call of each side is a warm-up
-                for k, fn in (sides.items() if rep % 2 == 0 else reversed(sides.items())):
-                    if rep == 0 and mass and k == "plain":
-                        continue
-                    x, wall, fwd, nfe = timed(model, fn, prompt, s, ids, args.seed)
-                    xs[k] = (x, nfe)
-                    if rep:
-                        meas[k].append((wall, fwd))
-            med = {k: statistics.median(w for w, _ in v) for k, v in meas.items()}
-            fwd = {k: statistics.median(f for _, f in v) for k, v in meas.items()}
-            speedup = med["plain"] / med["difflm"]
-            row = dict(method=m, batch=B, difflm_s=med["difflm"], plain_s=med["plain"], speedup=speedup,
-                       difflm_forward_s=fwd["difflm"], plain_forward_s=fwd["plain"],
-                       difflm_nfe=xs["difflm"][1], plain_nfe=xs["plain"][1],
-                       difflm_s_all=[w for w, _ in meas["difflm"]], plain_s_all=[w for w, _ in meas["plain"]])
-            check = ""
-            if m in GREEDY:
-                diff = int((xs["difflm"][0] != xs["plain"][0]).sum())
-                row["mismatched_tokens"] = diff
-                check = "IDENTICAL" if diff == 0 else f"MISMATCH ({diff} tokens differ)"
-                failed += diff > 0
+            row = measure_row(model, prompts[B], m, B, ids, args)
+            failed += row.get("mismatched_tokens", 0) > 0
             record["rows"].append(row)
-            share = fwd["difflm"] / med["difflm"]
-            print(f"{m:<12} {B:>5} {med['difflm']:>9.3f} {med['plain']:>9.3f} {speedup:>7.2f}x {100 * share:>8.0f}% "
-                  f"{xs['difflm'][1]:>3}/{xs['plain'][1]:<3}  {check}", flush=True)
             atomic_write_json(out_path, record)
     record["elapsed_s"] = time.perf_counter() - t_start
     record["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -284,13 +284,24 @@ def test_plain_mass_loops_decode_everything(tiny, method):
 def test_sampler_regime_runs_and_checks_greedy_tokens(tmp_path, capsys):
     mod = _load("difflm_bench_sampler", BENCH_DIR / "sampler_regime.py")
     argv = ["--vocab", "512", "--batch", "1", "2", "--gen-length", "32", "--steps", "8", "--repeats", "1",
-            "--name", "s", "--out-dir", str(tmp_path)]
+            "--min-seconds", "0", "--name", "s", "--out-dir", str(tmp_path)]
     assert mod.main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("IDENTICAL") == 6 and "MISMATCH" not in out
     rec = json.loads((tmp_path / "s.json").read_text())
     assert {(r["method"], r["batch"]) for r in rec["rows"]} == {(m, b) for m in mod.METHODS for b in (1, 2)}
     assert all(r["difflm_s"] > 0 and r["plain_s"] > 0 and r["difflm_nfe"] >= 1 for r in rec["rows"])
+    assert all(r["clock"] == "cpu" and r["calls"] == 1 and r["speedup_pairs_q1"] <= r["speedup_pairs_q3"]
+               for r in rec["rows"]) and rec["machine"]["torch_threads"] == 1
+    # more interleaved calls until each side has --min-seconds of them, at most --max-repeats (greedy methods)
+    argv = ["--vocab", "512", "--batch", "1", "--gen-length", "32", "--steps", "8", "--methods", "llada", "topk",
+            "--repeats", "2", "--max-repeats", "3", "--min-seconds", "100", "--clock", "wall", "--name", "w",
+            "--out-dir", str(tmp_path)]
+    assert mod.main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "w.json").read_text())["rows"]}
+    assert rows["llada"]["calls"] == 3 and len(rows["llada"]["plain_s_all"]) == 3 and rows["topk"]["calls"] == 1
+    assert rows["llada"]["speedup"] == rows["llada"]["speedup_wall"]
+    assert mod.main(["--threads", "2", "--out-dir", str(tmp_path)]) == 2  # CPU time of 2 threads is not wall time
 
 
 def test_bench_exit_status_1_when_a_decoder_fails(tmp_path, monkeypatch, capsys):

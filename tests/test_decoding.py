@@ -423,6 +423,29 @@ def test_batch_equals_single_with_left_padding(tiny_llama, method):
         assert batch.sequences[i, plen:].tolist() == single.sequences[0, len(p):].tolist(), method
 
 
+@pytest.mark.parametrize("method", ["llada", "llada_conv", "threshold", "topk"])
+def test_cancelled_row_stops_and_the_other_rows_decode_as_alone(tiny_llama, method):
+    """`generate(cancelled=)`: a row flagged after the second step leaves the forward pass, its masked
+    positions become EOS, and the other row decodes what it decodes alone (the greedy llada steps that skip
+    the per-step row check when every row commits alike must still ask `cancelled`)."""
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    seeds = [item_seed(0, "a"), item_seed(0, "b")]
+    cfg = _cfg(method, threshold=1.0) if method == "threshold" else _cfg(method)  # threshold 1.0: one per step
+    asked = []
+
+    def cancelled():
+        asked.append(1)
+        return [False, len(asked) > 2]
+
+    out = generate(tiny_llama, prompt, cfg, mask_id=TMASK, eos_id=TEOS, row_seeds=seeds, cancelled=cancelled)
+    alone = generate(tiny_llama, prompt[:1], cfg, mask_id=TMASK, eos_id=TEOS, row_seeds=seeds[:1])
+    assert len(asked) == out.steps_run and out.steps_run > 3
+    assert torch.equal(out.sequences[0], alone.sequences[0])
+    gen = out.sequences[1, 4:]
+    assert not (gen == TMASK).any() and (gen == TEOS).sum() >= 16 - 2 * 4  # at most 2 steps of tokens
+    assert out.row_passes < 2 * out.nfe
+
+
 def test_eos_fill_saves_forward_passes():
     table = torch.full((1 + 16, V), -3.0)
     table[1:, EOS] = 3.0  # EOS everywhere, most confident
@@ -856,12 +879,64 @@ def test_greedy_commit_float32_path_makes_the_float64_decision(monkeypatch, path
     assert not torch.equal(naive, sel)
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_greedy_commit_at_ranks_in_float32_only_where_that_is_certain(monkeypatch, b):
+    """The uniform small path (every row: the same number of masked positions, the same count to commit)
+    ranks by a float32 softmax and commits what float64 commits: on near-ties float32 cannot order (~1e-10
+    apart) it ranks again in float64 (a float32-only ranking picks other positions here: checked), on clearly
+    separated confidences (or near-ties a conv scale pulls apart) it stays in float32 (no float64 softmax);
+    all / none committed need no ranking."""
+    exact_calls = []
+    real = S._max_prob
+    monkeypatch.setattr(S, "_max_prob", lambda z, scale, flat, exact: exact_calls.append(exact) or real(z, scale, flat, exact))
+    ties = _near_tie_logits(b=b, n=12, v=256, seed=4)
+    clear = ties.clone()
+    clear[:, :, 3] = torch.arange(12, dtype=torch.float32) * 0.5 + clear.amax(-1)[:, :1] - 2.0  # p(x0) apart
+    region = torch.zeros(b, 12, dtype=torch.bool)
+    region[:, 2:10] = True  # 8 masked positions per row
+    rows, cols = region.nonzero(as_tuple=True)
+    counts = torch.full((b,), 3)
+    for logits, certain in ((ties, False), (clear, True)):
+        for scale in (None, torch.linspace(0.5, 1.0, 12, dtype=torch.float64).expand(b, 12)):
+            exact_calls.clear()
+            vals = S.greedy_commit_at(logits, rows, cols, MASK, counts=counts, kmax=3, per_row=8, scale=scale)
+            x0, sel = S.greedy_commit(logits, region, counts=counts, scale=scale, exact=True)
+            got = torch.full((b, 12), MASK)
+            got[rows, cols] = vals
+            assert torch.equal(got, torch.where(sel, x0, torch.full_like(x0, MASK))), (certain, scale)
+            assert (True in exact_calls) == (not certain and scale is None), exact_calls
+    _, sel = S.greedy_commit(ties, region, counts=counts, exact=True)
+    approx = S._max_prob(ties[rows, cols], None, cols, exact=False).view(b, 8)
+    naive = torch.sort(approx, dim=1, descending=True, stable=True).indices[:, :3] + 2
+    assert not torch.equal(naive, sel.nonzero(as_tuple=True)[1].view(b, 3))
+    exact_calls.clear()
+    assert (S.greedy_commit_at(ties, rows, cols, MASK, kmax=0, per_row=8) == MASK).all()
+    everything = S.greedy_commit_at(ties, rows, cols, MASK, kmax=8, per_row=8)
+    assert torch.equal(everything, ties[rows, cols].argmax(-1)) and exact_calls == []
+
+
+def test_threshold_on_the_host_decides_only_what_the_bound_certifies():
+    """One row's threshold commit on the host (`_threshold_host`): every confidence >= tau, else the first most
+    confident; with an error bound, None (recompute in float64) where a confidence's interval holds tau or the
+    top two overlap; the same decisions as `commit_threshold` where it answers."""
+    cases = [([0.5, 0.95, 0.91], 0.9), ([0.3, 0.5, 0.2], 0.9), ([0.5, 0.5, 0.1], 0.9), ([0.9, 0.2], 0.9)]
+    for conf, tau in cases:
+        want = S.commit_threshold(torch.tensor([conf], dtype=torch.float64), tau)[0].nonzero().squeeze(1).tolist()
+        assert S._threshold_host(conf, tau, 0.0) == want, conf
+    assert S._threshold_host([0.5, 0.95, 0.91], 0.9, 1e-3) == [1, 2]
+    assert S._threshold_host([0.3, 0.5, 0.2], 0.9, 1e-3) == [1]
+    assert S._threshold_host([0.5, 0.9001, 0.2], 0.9, 1e-3) is None  # 0.9001 within the bound of tau
+    assert S._threshold_host([0.5, 0.4999, 0.2], 0.9, 1e-3) is None  # the top two within the bound
+    assert S._threshold_host([0.5, 0.5, 0.1], 0.9, 0.0) == [0]  # a tie: the first maximum, as argmax
+
+
 @pytest.mark.parametrize("exact_below", [0, 1 << 30])
 def test_greedy_llada_batch_equals_float64_commit_on_a_tie_heavy_model(monkeypatch, exact_below):
     """generate's llada / threshold / llada_conv (greedy) commit what the float64 confidences decide:
     rows that are one base row with ulp-sized bumps, through the whole loop (float32-first path and the
-    small-work float64 path)."""
+    small-work paths: float32-ranked for llada and llada_conv, float64 for threshold)."""
     monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(S, "GREEDY_GATHER_BELOW", exact_below)
     table = _near_tie_logits(b=1, n=18, v=64, seed=2)[0]
     table[:, MASK] = float("-inf")
     assert table.double().softmax(-1).max() < 0.99  # no position is certain: threshold 1.0 commits one per step
@@ -909,6 +984,7 @@ def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypa
     from difflm.decoding import loop
 
     monkeypatch.setattr(S, "GREEDY_EXACT_BELOW", exact_below)
+    monkeypatch.setattr(S, "GREEDY_GATHER_BELOW", exact_below)
     monkeypatch.setattr(loop, "_NARROW_EACH_STEP_FROM", narrow_from)
     v = 40
     table = torch.randn(7, v, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -380,7 +380,13 @@ class _Decoder:
             # the vocabulary from the last forward (before the first one, everything is masked anyway)
             narrow = can_narrow and self.last_logits is not None and (
                 bxl * self.last_logits.shape[-1] >= _NARROW_EACH_STEP_FROM)
-            if not self.select_rows(region, first if narrow else None):
+            # every row commits the same count of the same number of masked positions: one ranked sort
+            per_row = n_host[0] - sum(sched[0][:i]) if greedy and tau is None and uniform and not self.dropped else None
+            if per_row is not None and not narrow and self.cancelled is None:
+                if per_row == 0:  # every row's masked positions are known on the host: no sync
+                    break
+                self.rows, self.active = None, [True] * len(n_host)
+            elif not self.select_rows(region, first if narrow else None):
                 break
             if narrow:  # from the first masked position of any row still decoding
                 f = min(f for f, on in zip(first, self.active) if on)
@@ -393,9 +399,9 @@ class _Decoder:
                 scale = scale[:, lo:]
             if greedy:  # float32 first, float64 where it decides; float64 directly when the work is small
                 rows, cols = region.nonzero(as_tuple=True)
-                if rows.numel() * logits.shape[-1] < S.GREEDY_EXACT_BELOW:
-                    per_row = n_host[0] - sum(sched[0][:i]) if tau is None and uniform and not self.dropped else None
-                    counts = schedule[:, i] if tau is None and per_row is None else None
+                small = S.GREEDY_GATHER_BELOW if per_row is not None else S.GREEDY_EXACT_BELOW
+                if rows.numel() * logits.shape[-1] < small:
+                    counts = schedule[:, i] if tau is None else None
                     vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
                                               tau=tau, scale=scale)
                     if cfg.eos_fill:

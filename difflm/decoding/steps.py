@@ -289,6 +289,12 @@ def argmax_at(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 #: greedy_commit decides in float64 directly below this many logits read per step (the float32-first path
 #: saves memory traffic but costs more kernel launches: at a 2k vocabulary and batch 1 those dominate)
 GREEDY_EXACT_BELOW = 1 << 17
+#: a step whose rows all commit the same count of the same number of masked positions (llada without EOS
+#: fill) gathers their logits and ranks them by a certified float32 softmax (`greedy_commit_at`) below this
+#: many logits (a 16 MB float32 gather); above, `greedy_commit` reads the block in place, in cache-sized chunks
+#: (measured on the 2-core CPU: the gather is faster at V 2048 batch 4-16 and V 32000 batch 1-4, slower at
+#: V 32000 batch 16's first steps, 16 M logits)
+GREEDY_GATHER_BELOW = 1 << 22
 
 
 def greedy_commit(
@@ -339,37 +345,93 @@ def greedy_commit_at(
     logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mask_id: int, *, counts: torch.Tensor | None = None,
     kmax: int | None = None, per_row: int | None = None, tau: float | None = None, scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`greedy_commit`'s small-work path (float64 softmax directly) in few kernels, for the region positions
-    (rows, cols) (`region.nonzero(as_tuple=True)`, row-major): the new value of each of them, [N] long: its
-    argmax token where it commits, `mask_id` (it stays masked) elsewhere. The same decision as
-    `greedy_commit`. per_row: every row of logits has exactly per_row region positions and commits `kmax`
-    of them (llada without EOS fill: the caller knows it from the schedule), so the top-k is one sort of
-    [B, per_row]; else with `tau` and one row, a threshold over the positions; else `commit_top` /
-    `commit_threshold` over a [B, L] confidence tensor."""
+    """`greedy_commit`'s small-work path in few kernels, for the region positions (rows, cols)
+    (`region.nonzero(as_tuple=True)`, row-major): the new value of each of them, [N] long: its argmax token
+    where it commits, `mask_id` (it stays masked) elsewhere. The same decision as `greedy_commit` (the
+    float64 one). per_row: every row of logits has exactly per_row region positions and commits `kmax` of
+    them (llada without EOS fill: the caller knows it from the schedule), so the top-k is one sort of
+    [B, per_row], ranked by a float32 softmax (less than half the cost of float64 at a 2k vocabulary, where the
+    step's softmax is most of its time) and certified in one host sync: every row's k-th confidence lies above
+    its (k + 1)-th by more than both error bounds (`softmax32_rtol`), so float64 would pick the same set; else
+    (a near-tie, ties included) the positions whose interval reaches the boundary (`uncertain_positions`) are
+    recomputed in float64 and the step ranked again, as `greedy_commit` does. A step that commits all or none of its
+    positions ranks nothing. With `tau` and one row, the threshold is decided on the host
+    (`_threshold_host`: float32 confidences where the bound certifies every decision, else float64); otherwise
+    float64 directly, `commit_top` / `commit_threshold` over a [B, L] confidence tensor."""
     b, n, v = logits.shape
     flat = cols if b == 1 else rows * n + cols
     z = torch.index_select(logits.reshape(-1, v), 0, flat)
-    # the float64 probability of the argmax is the largest one (see `_region_max`): an amax, no index
-    # tracking (an index-tracking max over [N, V] costs several times more); the argmax is taken at the
-    # committed positions only
-    c = torch.softmax(z.double(), -1).amax(-1)
-    if scale is not None:
-        c = c * scale.reshape(-1)[flat]
-    if tau is None and per_row is not None and rows.numel() == b * per_row:
-        order = torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True).indices[:, :kmax]
-        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=c.device)[:, None]).view(-1)
-    else:
-        if tau is not None and b == 1:
-            keep = c >= tau  # and the most confident position (argmax: the first maximum, as `_best`)
-            keep[c.argmax()] = True
-        else:
-            conf = torch.full((b, n), float("-inf"), dtype=torch.float64, device=c.device)
-            conf.view(-1)[flat] = c
-            keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
-        pick = keep.nonzero().squeeze(1)
     vals = torch.full_like(flat, mask_id)
+    if tau is None and per_row is not None and rows.numel() == b * per_row:
+        if kmax <= 0:
+            return vals
+        if kmax >= per_row:  # every position commits: no ranking needed
+            vals.copy_(z.argmax(-1))
+            return vals
+
+        def ranked(c):  # stable: equal confidences keep positional order, as `commit_top`
+            return torch.sort(c.view(b, per_row), dim=1, descending=True, stable=True)
+
+        approx = z.dtype != torch.float64
+        c = _max_prob(z, scale, flat, exact=not approx)
+        srt = ranked(c)
+        if approx and not _separated(srt.values, kmax, softmax32_rtol(v)):
+            # float64 for the positions whose interval reaches the boundary, then rank again (`greedy_commit`)
+            sel = torch.zeros((b, per_row), dtype=torch.bool, device=z.device).scatter_(1, srt.indices[:, :kmax], True)
+            redo = uncertain_positions(c.view(b, per_row), sel, softmax32_rtol(v)).view(-1).nonzero().squeeze(1)
+            c[redo] = _max_prob(torch.index_select(z, 0, redo), scale, flat[redo], exact=True)
+            srt = ranked(c)
+        order = srt.indices[:, :kmax]
+        pick = order[0] if b == 1 else (order + torch.arange(0, b * per_row, per_row, device=z.device)[:, None]).view(-1)
+    elif tau is not None and b == 1:  # decided on the host: float32 where certain, else float64
+        approx = z.dtype != torch.float64
+        picked = _threshold_host(_max_prob(z, scale, flat, exact=not approx).tolist(), tau, softmax32_rtol(v) * approx)
+        if picked is None:
+            picked = _threshold_host(_max_prob(z, scale, flat, exact=True).tolist(), tau, 0.0)
+        pick = torch.tensor(picked, dtype=torch.long, device=z.device)
+    else:
+        c = _max_prob(z, scale, flat, exact=True)
+        conf = torch.full((b, n), float("-inf"), dtype=torch.float64, device=c.device)
+        conf.view(-1)[flat] = c
+        keep = (commit_top(conf, counts, kmax) if tau is None else commit_threshold(conf, tau)).view(-1)[flat]
+        pick = keep.nonzero().squeeze(1)
+    # the argmax (an index-tracking reduction, several times an amax over [N, V]) at the committed positions only
     vals[pick] = torch.index_select(z, 0, pick).argmax(-1)
     return vals
+
+
+def _max_prob(z: torch.Tensor, scale: torch.Tensor | None, flat: torch.Tensor, exact: bool) -> torch.Tensor:
+    """The softmax probability of each row's argmax [N] float64 (times the positions' `scale`): from a
+    float64 softmax when exact (as LLaDA computes it), else from z's own (float32: within a relative
+    `softmax32_rtol(V)` of it). The probability of the argmax is the largest one (see `_region_max`): an
+    amax, no index tracking."""
+    c = torch.softmax(z.double() if exact else z, -1).amax(-1).double()
+    return c if scale is None else c * scale.reshape(-1)[flat]
+
+
+def _threshold_host(conf: list[float], tau: float, rtol: float) -> list[int] | None:
+    """`commit_threshold` of one row's confidences, known to a relative `rtol`, on the host: the indices with
+    confidence >= tau, or if there are none the first most confident one; None where `rtol` leaves a
+    decision uncertain (a confidence within the bound of tau; the top two within the bound of each other)."""
+    keep = []
+    for j, c in enumerate(conf):
+        if c * (1 - rtol) >= tau:
+            keep.append(j)
+        elif c * (1 + rtol) >= tau:
+            return None
+    if keep or not conf:
+        return keep
+    best = max(range(len(conf)), key=conf.__getitem__)  # the first maximum, as argmax
+    if rtol and any(j != best and c * (1 + rtol) >= conf[best] * (1 - rtol) for j, c in enumerate(conf)):
+        return None
+    return [best]
+
+
+def _separated(ranked: torch.Tensor, k: int, rtol: float) -> bool:
+    """Whether every row's top-k set of `ranked` [B, n] (sorted descending; values known to a relative
+    `rtol`) is certain: its k-th value's lower bound lies above its (k + 1)-th's upper bound, compared in
+    float64 on the host (one sync; B pairs). Equal values (ties) are never certain."""
+    return all(a * (1 - rtol) > b * (1 + rtol) for a, b in ranked[:, k - 1 : k + 1].tolist())
 
 
 def uncertain_positions(conf: torch.Tensor, sel: torch.Tensor, rtol: float, tau: float | None = None) -> torch.Tensor:
