@@ -359,3 +359,21 @@ def test_serve_throughput_exit_status(tmp_path):
     assert failed.returncode == 1, failed.stderr[-2000:]
     rec = json.loads((tmp_path / "e.json").read_text())
     assert "the server (--max-batch 32) exited (2)" in rec["error"] and rec["modes"] == {}
+
+
+def test_compile_effect_runs_and_records_each_variant(tmp_path, capsys):
+    """bench/compile_effect.py at tiny sizes (one method, one compiled variant: the compile is the cost): exit 0
+    with greedy tokens unchanged, the JSON rows and fields the README reads, the library's functions restored."""
+    mod = _load("difflm_bench_compile", BENCH_DIR / "compile_effect.py")
+    eager = S._max_prob
+    argv = ["--methods", "llada", "--vocab", "512", "--batch", "1", "--variants", "kernels", "--gen-length", "16",
+            "--steps", "4", "--block-length", "16", "--repeats", "1", "--min-seconds", "0", "--name", "c",
+            "--out-dir", str(tmp_path)]
+    assert mod.main(argv) == 0
+    assert S._max_prob is eager  # the wrapping lasts one call only
+    rec = json.loads((tmp_path / "c.json").read_text())
+    (row,) = rec["rows"]
+    assert (row["method"], row["vocab"], row["batch"], row["calls"]) == ("llada", 512, 1, 1)
+    d = row["variants"]["kernels"]
+    assert d["identical_tokens"] == 1.0 and d["s"] > 0 and d["first_call_wall_s"] > 0 and d["first_call_graphs"] >= 1
+    assert d["graph_breaks"] == 0 and rec["machine"]["torch_threads"] == 1 and "elapsed_s" in rec
