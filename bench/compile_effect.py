@@ -13,7 +13,9 @@ Variants (`--variants`):
            and `greedy_commit`): dynamo splits them at every host sync (`.tolist()`, `nonzero`, `.item()`),
            so this measures what compiling them as they are gives;
   kernels: only the pieces without host syncs (mass: `candidates`, `position_scale`, `unmask_probability`,
-           `conv.window_scales`; greedy: `_max_prob`, the softmax-and-max of `greedy_commit_at`): one graph each.
+           `conv.window_scales`; greedy: `_max_prob`, the softmax-and-max of `greedy_commit_at`): one graph each;
+  chunked: no compile, the eager alternative for the mass methods: `candidates` with its full-vocabulary
+           logsumexp taken in chunks of rows (`chunked_candidates`; bit-identical values).
 Per (method, V, batch) cell the sides are called in interleaved rounds (the order alternates), the first
 round untimed for eager and reported as the start-up ("first call") for the compiled variants; then rounds
 until each side has `--repeats` timed calls and `--min-seconds` of them, or `--max-repeats`. Time: process
@@ -65,12 +67,31 @@ WRAPPED = {
 EAGER = {(mod, name): getattr(mod, name) for entries in WRAPPED.values() for mod, name in entries}
 
 
+def chunked_candidates(logits: torch.Tensor, top_k: int | None, temperature: float, rows: int = 32):
+    """`steps.candidates` with the logsumexp over the vocabulary taken `rows` positions at a time: eager
+    logsumexp writes a [B, L, V] temporary (131 MB at batch 16, V 32000: fresh pages every step); in chunks
+    it stays cache-sized. The same values bit for bit (each row's reduction is unchanged)."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return EAGER[(S, "candidates")](logits, top_k, temperature)
+    scaled = logits if temperature in (0.0, 1.0) else logits / temperature
+    vals, idx = scaled.topk(top_k, dim=-1)
+    flat = scaled.reshape(-1, scaled.shape[-1])
+    lse = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    for s0 in range(0, flat.shape[0], rows):
+        lse[s0 : s0 + rows] = torch.logsumexp(flat[s0 : s0 + rows], -1)
+    logp = vals - lse.view(*scaled.shape[:-1], 1)
+    return logp, idx, logp.double().exp().sum(-1)
+
+
 def kind(method: str) -> str:
     return "greedy" if method in GREEDY else "mass"
 
 
 def compiled_table(variant: str, method: str, dynamic) -> dict:
-    """{(module, name): torch.compile(eager function)} for one variant; compiled lazily at the first call."""
+    """{(module, name): torch.compile(eager function)} for one variant; compiled lazily at the first call
+    (`chunked`: the eager chunked `candidates`, for the mass methods only)."""
+    if variant == "chunked":
+        return {(S, "candidates"): chunked_candidates} if kind(method) == "mass" else {}
     return {(mod, name): torch.compile(EAGER[(mod, name)], dynamic=dynamic)
             for mod, name in WRAPPED[(variant, kind(method))]}
 
@@ -158,7 +179,7 @@ def parse_args(argv=None):
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--vocab", nargs="+", type=int, default=[2048, 32000])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--variants", nargs="+", choices=("steps", "kernels"), default=["steps", "kernels"])
+    ap.add_argument("--variants", nargs="+", choices=("steps", "kernels", "chunked"), default=["steps", "kernels"])
     ap.add_argument("--dynamic", choices=("true", "false", "auto"), default="true",
                     help="torch.compile(dynamic=...): true (symbolic shapes from the start), false, auto (None)")
     ap.add_argument("--prompt-length", type=int, default=32)
@@ -212,7 +233,7 @@ def run(args, argv: list[str]) -> int:
     failed = 0
     for m in args.methods:
         torch._dynamo.reset()  # this method's first cell pays its compile
-        tables = {v: compiled_table(v, m, dynamic) for v in args.variants}
+        tables = {v: t for v in args.variants if (t := compiled_table(v, m, dynamic))}
         for V in args.vocab:
             ids = dict(mask_id=V - 1, eos_id=V - 2)
             model = StandIn(V, seed=args.seed, clock=CLOCKS[args.clock])

@@ -377,3 +377,7 @@ def test_compile_effect_runs_and_records_each_variant(tmp_path, capsys):
     d = row["variants"]["kernels"]
     assert d["identical_tokens"] == 1.0 and d["s"] > 0 and d["first_call_wall_s"] > 0 and d["first_call_graphs"] >= 1
     assert d["graph_breaks"] == 0 and rec["machine"]["torch_threads"] == 1 and "elapsed_s" in rec
+    # the eager alternative the README measures: candidates' logsumexp in chunks of rows, the same values bit for bit
+    z = torch.randn(2, 5, 50, generator=torch.Generator().manual_seed(0))
+    for got, want in zip(mod.chunked_candidates(z, 3, 0.7, rows=3), S.candidates(z, 3, 0.7)):
+        assert torch.equal(got, want)
