@@ -1016,3 +1016,19 @@ def test_greedy_block_decoding_asks_for_the_logits_from_the_block_start(monkeypa
         else:  # block 1 from position 0 on, block 2 from its start (8) or its first masked position on
             assert keeps[0] == 16 and 8 in keeps and all(k <= 8 for k in keeps[keeps.index(8):]), keeps
             assert (min(keeps) < 8) == (narrow_from == 0), keeps
+
+
+def test_chunked_logsumexp_equals_the_whole_one():
+    """`steps._logsumexp_rows` takes large inputs a few rows at a time: the same values as one logsumexp
+    (each row's reduction is unchanged), chunks not aligned to the rows of a batch included."""
+    from difflm.decoding import steps as S
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 77, 20_000, generator=g) * 4  # 4.6M logits >= LSE_CHUNK_FROM, 52 rows per chunk
+    assert x.numel() >= S.LSE_CHUNK_FROM and (77 * 3) % (S.LSE_CHUNK // 20_000) != 0
+    whole = torch.logsumexp(x, dim=-1, keepdim=True)
+    got = S._logsumexp_rows(x)
+    assert got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)  # the same reduction per row; 1e-5: any kernel
+    ref = torch.logsumexp(x.double(), dim=-1, keepdim=True)
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4)
