@@ -59,7 +59,7 @@ bench: $(STAMP)
 	$(PY) bench/bench.py --preset tiny --name tiny-cpu
 	$(PY) bench/bench.py --preset synthetic-32k --gen-length 256 --name synthetic-32k-cpu
 	$(PY) bench/sampler_regime.py --name sampler-regime-cpu
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/serve_throughput.py --name serve-throughput-cpu
+	$(PY) bench/serve_throughput.py --name serve-throughput-cpu
 
 # The paper's claims at small scale on the embedded models (CPU, 4-16 min on 2 cores): runs/paper-small/RESULTS.md
 paper-small: $(STAMP)

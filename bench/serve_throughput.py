@@ -21,8 +21,10 @@ warm-up request) and under load (a probe client, not counted in the throughput, 
 clients run). Medians over the probes.
 
 Prints a table and writes bench/results/<name>.json atomically after each round. Exit status: 0, 1 if a
-server did not start or a request failed, 2 for bad options. The server inherits the environment
-(set OMP_NUM_THREADS=1 on a shared 2-core machine: two torch threads fighting other jobs ran 4x slower).
+server did not start or a request failed, 2 for bad options. Each server runs `--threads` torch threads
+(default: every core, as `difflm serve` does; on a machine shared with other jobs `--threads 1`, since two
+threads fighting other jobs ran 4x slower). Prompts are raw text by default (`--prompt-format raw`), the format the
+embedded models were trained on (the chat fallback, alpaca, makes every prompt ~80 tokens).
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--decode", default="conv", help="the server's decode method")
     ap.add_argument("--prompt-format", default="raw", choices=["chat", "alpaca", "alpaca-cot", "raw"],
                     help="the servers' --prompt-format (raw: what the embedded models were trained on)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads of each server (OMP_NUM_THREADS; default: the environment's, else 1)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of each server (OMP_NUM_THREADS; default: every core, as difflm serve uses; "
+                         "1 on a machine shared with other jobs)")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     ap.add_argument("--window-ms", type=float, default=10.0, help="the batching server's --batch-window-ms")
     ap.add_argument("--rounds", type=int, default=4,
@@ -75,7 +78,7 @@ def parse_args(argv=None):
     for key in ("clients", "requests", "rounds", "gen_length", "steps", "max_batch", "probes"):
         if getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     if args.window_ms < 0 or args.startup_s <= 0:
         ap.error("--window-ms must be >= 0 and --startup-s > 0")
@@ -96,8 +99,7 @@ def server(args, max_batch: int, window_ms: float):
            "--max-queue", str(max(256, 4 * (args.clients + 1))), "--log-level", "warning",
            "--prompt-format", args.prompt_format]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads)
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
