@@ -49,7 +49,9 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from sampler_regime import CLOCKS, StandIn, pin_malloc, quartiles, run_difflm, settings, timed  # noqa: E402
+from sampler_regime import (  # noqa: E402
+    CLOCKS, StandIn, add_shape_arguments, pin_malloc, quartiles, run_difflm, settings, timed,
+)
 from difflm.decoding import conv as C  # noqa: E402
 from difflm.decoding import steps as S  # noqa: E402
 from difflm.io import atomic_write_json  # noqa: E402
@@ -182,13 +184,7 @@ def parse_args(argv=None):
     ap.add_argument("--variants", nargs="+", choices=("steps", "kernels", "chunked"), default=["steps", "kernels"])
     ap.add_argument("--dynamic", choices=("true", "false", "auto"), default="true",
                     help="torch.compile(dynamic=...): true (symbolic shapes from the start), false, auto (None)")
-    ap.add_argument("--prompt-length", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--kernel-size", type=int, default=16)
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--threshold", type=float, default=0.9)
+    add_shape_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per side")
     ap.add_argument("--min-seconds", type=float, default=0.5, help="more rounds until each side has this many s")
     ap.add_argument("--max-repeats", type=int, default=15)

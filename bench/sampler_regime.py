@@ -212,11 +212,9 @@ def measure_row(model, prompt, m: str, B: int, ids: dict, args) -> dict:
     return row
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--vocab", type=int, default=32000)
+def add_shape_arguments(ap) -> None:
+    """The regime's decode shape: prompt, answer, steps, blocks, window, top-k, threshold (shared with
+    compile_effect.py)."""
     ap.add_argument("--prompt-length", type=int, default=32)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--steps", type=int, default=16)
@@ -224,6 +222,14 @@ def parse_args(argv=None):
     ap.add_argument("--kernel-size", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.9)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(ap)
     ap.add_argument("--repeats", type=int, default=5, help="at least this many interleaved timed calls per side")
     ap.add_argument("--min-seconds", type=float, default=1.0,
                     help="more interleaved calls until each side has this many timed seconds (up to --max-repeats)")
