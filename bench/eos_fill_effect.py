@@ -15,14 +15,12 @@ from difflm.data.prompts import encode_prompt
 from difflm.data.synthetic import math_problems
 from difflm.decoding import DecodeConfig, generate, item_seed
 from difflm.eval.gsm8k import is_correct
+from difflm.generation import left_pad
 from difflm.models import load_model
 
 
-def left_pad(model, prompts):
-    enc = [encode_prompt(model, p, None, "raw") for p in prompts]
-    plen, pad = max(map(len, enc)), model.ids.pad_id
-    ids = torch.tensor([[pad] * (plen - len(e)) + e for e in enc])
-    return ids, torch.tensor([[0] * (plen - len(e)) + [1] * len(e) for e in enc])
+def encode_padded(model, prompts):
+    return left_pad([encode_prompt(model, p, None, "raw") for p in prompts], model.ids.pad_id)
 
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,7 +49,7 @@ for name, kw in settings.items():
         nfe = rows = correct = 0
         for start in range(0, args.n, args.batch_size):
             chunk = probs[start : start + args.batch_size]
-            ids, am = left_pad(m, [p["question"] for p in chunk])
+            ids, am = encode_padded(m, [p["question"] for p in chunk])
             out = generate(m, ids, cfg, attention_mask=am, row_seeds=[item_seed(0, p["id"]) for p in chunk])
             nfe += out.nfe
             rows += out.row_passes

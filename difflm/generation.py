@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from difflm.config import load_yaml, save_resolved, to_dict
 from difflm.data.evalsets import EVAL_SETS, load_eval_set, read_inputs
@@ -124,6 +124,17 @@ def decode_output(model, gen_ids: list[int]) -> tuple[str, int]:
     return model.tokenizer.decode(gen_ids[:n], skip_special_tokens=True), n
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None):
+    """(ids [B, P], attention_mask [B, P]) of prompts of different lengths, left-padded with `pad_id` to the
+    longest (mask 0 on the padding): the batch layout `generate` takes."""
+    import torch
+
+    plen = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (plen - len(p)) + list(p) for p in prompts], device=device)
+    am = torch.tensor([[0] * (plen - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, am
+
+
 def iter_batches(
     model,
     items: list[dict],
@@ -157,9 +168,7 @@ def iter_batches(
     pad = model.ids.pad_or_eos
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
-        plen = max(len(e.prompt_ids) for e in batch)
-        ids = torch.tensor([[pad] * (plen - len(e.prompt_ids)) + e.prompt_ids for e in batch], device=model.device)
-        am = torch.tensor([[0] * (plen - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch], device=model.device)
+        ids, am = left_pad([e.prompt_ids for e in batch], pad, model.device)
         seeds = [item_seed(cfg.seed, str(e.record["id"])) for e in batch]
         t0 = time.perf_counter()
         out = generate(model, ids, cfg, attention_mask=am, row_seeds=seeds, callback=step_callback)

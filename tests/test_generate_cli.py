@@ -357,3 +357,11 @@ def test_nucleus_refuses_penalty_and_guidance_with_one_line_before_loading(tmp_p
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0] and "nucleus" in lines[0], lines
     assert not (tmp_path / "o.json").exists()
+
+
+def test_left_pad_puts_the_padding_on_the_left_with_a_zero_mask():
+    from difflm.generation import left_pad
+
+    ids, am = left_pad([[5, 6, 7], [8]], pad_id=2)
+    assert ids.tolist() == [[5, 6, 7], [2, 2, 8]]
+    assert am.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -29,11 +29,9 @@ def _prompts(m, texts):
 
 
 def _padded(m, prompts):
-    plen = max(map(len, prompts))
-    pad = m.ids.pad_or_eos
-    ids = torch.tensor([[pad] * (plen - len(p)) + p for p in prompts])
-    am = torch.tensor([[0] * (plen - len(p)) + [1] * len(p) for p in prompts])
-    return ids, am
+    from difflm.generation import left_pad
+
+    return left_pad(prompts, m.ids.pad_or_eos)
 
 
 _METHODS = {

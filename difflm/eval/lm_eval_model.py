@@ -160,7 +160,7 @@ class DifflmLM(LM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         from difflm.decoding import generate
-        from difflm.generation import decode_output
+        from difflm.generation import decode_output, left_pad
         from difflm.seeding import item_seed
 
         results: list[str | None] = [None] * len(requests)
@@ -195,12 +195,9 @@ class DifflmLM(LM):
             idxs = sorted(idxs, key=lambda j: (len(prepared[j][3]), j))
             for start in range(0, len(idxs), self.batch_size):
                 batch = idxs[start : start + self.batch_size]
-                plen = max(len(prepared[j][3]) for j in batch)
-                x = torch.tensor([[pad] * (plen - len(prepared[j][3])) + prepared[j][3] for j in batch])
-                am = torch.tensor([[0] * (plen - len(prepared[j][3])) + [1] * len(prepared[j][3]) for j in batch])
+                x, am = left_pad([prepared[j][3] for j in batch], pad, self.model.device)
                 seeds = [item_seed(cfg.seed, prepared[j][4]) for j in batch]
-                out = generate(self.model, x.to(self.model.device), cfg, attention_mask=am.to(self.model.device),
-                               row_seeds=seeds)
+                out = generate(self.model, x, cfg, attention_mask=am, row_seeds=seeds)
                 for row, j in enumerate(batch):
                     text, _ = decode_output(self.model, out.sequences[row, out.prompt_length :].tolist())
                     for stop in prepared[j][2]:
