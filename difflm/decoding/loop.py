@@ -119,15 +119,15 @@ def generate(
         return _generate_ar(model, input_ids, attention_mask, config, eos_id, eot_id, row_seeds)
     if mask_id is None:
         raise ConfigError("mask_id is required for diffusion decoding", key="mask_id")
-    dec = _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback)
-    dec.cancelled = cancelled
-    return dec.run()
+    return _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback,
+                    cancelled).run()
 
 
 class _Decoder:
     """State of one batched diffusion decoding run (one object per `generate` call; no globals)."""
 
-    def __init__(self, model, input_ids, attention_mask, cfg, mask_id, eos_id, eot_id, row_seeds, callback):
+    def __init__(self, model, input_ids, attention_mask, cfg, mask_id, eos_id, eot_id, row_seeds, callback,
+                 cancelled=None):
         self.model, self.cfg, self.callback = model, cfg, callback
         self.mask_id, self.eos_id = mask_id, eos_id
         self.method = REGISTRY[cfg.method]
@@ -155,7 +155,7 @@ class _Decoder:
         self.since_refresh: int | None = None  # None: the next forward refreshes the cache
         self.conv_bounds = None  # `conv.conv_bounds` of the sequence, made at the first `conv_scales`
         self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
-        self.cancelled: Callable[[], Sequence[bool]] | None = None  # see `generate`
+        self.cancelled: Callable[[], Sequence[bool]] | None = cancelled  # see `generate`
         self.dropped: set[int] = set()  # rows stopped by `cancelled`
 
     # -- helpers -----------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Events go to each request's `sink(event)` from the worker thread, as plain dicts
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -37,7 +36,7 @@ from difflm.config import to_dict
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError, first_line
 from difflm.eval.fluency import rep_n
-from difflm.generation import content_length
+from difflm.generation import decode_output, left_pad
 from difflm.seeding import item_seed
 
 Sink = Callable[[dict], None]
@@ -75,7 +74,6 @@ class Job:
     deadline: float | None
     key: str = ""
     cancelled: bool = False
-    left: int = 0  #: rows not finished yet
 
     def cancel(self) -> None:
         """Stop this request's rows (queued rows are dropped, running ones stop at the next step)."""
@@ -156,7 +154,7 @@ class Engine:
                 r.job.cancel()
             self._cv.notify_all()
         for r in dropped:
-            _emit(r.job, {"type": "error", "index": r.index, "status": 503, "message": "the server is shutting down"})
+            _emit(r.job, _shutdown_event(r))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -174,7 +172,7 @@ class Engine:
         limit = self.timeout_s if timeout_s is None else timeout_s
         seeds = [item_seed(config.seed, k) for k in range(n)]
         job = Job(list(prompt_ids), config, n, events, sink, seeds, None if limit is None else now + limit,
-                  key=settings_key(config), left=n)
+                  key=settings_key(config))
         with self._cv:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -258,12 +256,8 @@ class Engine:
         from difflm.decoding import generate
 
         model, cfg = self.model, rows[0].job.config
-        pad = model.ids.pad_or_eos
-        plen = max(len(r.job.prompt_ids) for r in rows)
-        ids = torch.tensor([[pad] * (plen - len(r.job.prompt_ids)) + r.job.prompt_ids for r in rows], device=model.device)
-        am = torch.tensor([[0] * (plen - len(r.job.prompt_ids)) + [1] * len(r.job.prompt_ids) for r in rows],
-                          device=model.device)
-        watch = _StepWatch(self, rows, plen) if any(r.job.events for r in rows) else None
+        ids, am = left_pad([r.job.prompt_ids for r in rows], model.ids.pad_or_eos, model.device)
+        watch = _StepWatch(self, rows, ids.shape[1]) if any(r.job.events for r in rows) else None
         t0 = time.perf_counter()
         try:
             out = generate(
@@ -289,8 +283,7 @@ class Engine:
             self._rows_done += 1
             if r.job.cancelled:
                 if self._stopping:  # stopped by stop(), not by its client: say so, or a waiter never wakes
-                    _emit(r.job, {"type": "error", "index": r.index, "status": 503,
-                                  "message": "the server is shutting down"})
+                    _emit(r.job, _shutdown_event(r))
                 continue
             if r.job.expired(now):
                 _emit(r.job, _timeout_event(r))
@@ -298,9 +291,7 @@ class Engine:
             _emit(r.job, self._done_event(r, gen[b], out, seconds))
 
     def _done_event(self, r: _Row, gen_ids: list[int], out, seconds: float) -> dict:
-        stop = set(self.model.ids.stop_ids)
-        n = content_length(gen_ids, stop)
-        text = self.model.tokenizer.decode(gen_ids[:n], skip_special_tokens=True)
+        text, n = decode_output(self.model, gen_ids)
         return {
             "type": "done", "index": r.index, "text": text, "token_ids": gen_ids, "content_tokens": n,
             "finish_reason": "stop" if n < len(gen_ids) else "length", "nfe": out.nfe, "steps": out.steps_run,
@@ -314,8 +305,7 @@ class _StepWatch:
 
     def __init__(self, engine: Engine, rows: list[_Row], plen: int):
         self.engine, self.rows, self.plen = engine, rows, plen
-        ids = engine.model.ids
-        self.mask, self.stop = ids.mask_id, set(ids.stop_ids)
+        self.mask = engine.model.ids.mask_id
         L = rows[0].job.config.gen_length
         self.prev = [[self.mask] * L for _ in rows]
         self.prefix_at = [0] * len(rows)  # first masked position when the text was last decoded
@@ -345,10 +335,12 @@ class _StepWatch:
         first = cur.index(self.mask) if self.mask in cur else len(cur)
         if first != self.prefix_at[b]:
             self.prefix_at[b] = first
-            head = cur[:first]
-            n = content_length(head, self.stop)
-            self.text[b] = self.engine.model.tokenizer.decode(head[:n], skip_special_tokens=True)
+            self.text[b] = decode_output(self.engine.model, cur[:first])[0]
         return self.text[b]
+
+
+def _shutdown_event(r: _Row) -> dict:
+    return {"type": "error", "index": r.index, "status": 503, "message": "the server is shutting down"}
 
 
 def _timeout_event(r: _Row) -> dict:
@@ -357,16 +349,10 @@ def _timeout_event(r: _Row) -> dict:
 
 def _emit(job: Job, event: dict) -> None:
     """Give `event` to the job's sink; a sink that fails (its client is gone) cancels the job."""
-    if event["type"] in ("done", "error"):
-        job.left -= 1
     try:
         job.sink(event)
     except Exception:
         job.cancel()
 
 
-def replace_seed(cfg: DecodeConfig, seed: int) -> DecodeConfig:
-    return dataclasses.replace(cfg, seed=seed)
-
-
-__all__ = ["Engine", "EngineStats", "Job", "QueueFull", "ShuttingDown", "settings_key", "replace_seed"]
+__all__ = ["Engine", "EngineStats", "Job", "QueueFull", "ShuttingDown", "settings_key"]
