@@ -163,8 +163,9 @@ async def _read_json(request: Request, settings: ServeSettings):
     length = request.headers.get("content-length")
     if length is not None and not length.isdigit():
         raise APIError(400, f"the Content-Length header {length[:40]!r} is not a number")
+    too_large = APIError(413, f"the body is larger than the limit of {limit} bytes")
     if length is not None and int(length) > limit:
-        raise APIError(413, f"the body is larger than the limit of {limit} bytes", type="invalid_request_error")
+        raise too_large
     chunks, size = [], 0
 
     async def read() -> None:
@@ -172,7 +173,7 @@ async def _read_json(request: Request, settings: ServeSettings):
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"the body is larger than the limit of {limit} bytes")
+                raise too_large
             chunks.append(chunk)
 
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from difflm.config import from_dict, to_dict
@@ -27,6 +27,8 @@ NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "ec
            "top_logprobs": None}
 #: difflm body fields that are not DecodeConfig fields
 EXTRA = {"denoise", "prompt_format"}
+#: DecodeConfig fields a body may set by name (the method is `decode`; gen_length is max_tokens; seed is seed)
+DECODE_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig)) - {"gen_length", "seed", "method"}
 ROLES = ("system", "user", "assistant")
 
 
@@ -65,27 +67,25 @@ class Parsed:
     denoise: bool
     stop: list[str]
     include_usage: bool
-    seed_given: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _want(body: dict, key: str, kinds: tuple, what: str, default=None):
+def _want(body: dict, key: str, tp: type, what: str, default=None):
+    """body[key] (default when absent or null), refused unless of JSON type `tp` (`_json_type_ok`)."""
     v = body.get(key, default)
     if v is None:
         return default
-    ok = any(_is_int(v) if k is int else (isinstance(v, (int, float)) and not isinstance(v, bool)) if k is float
-             else isinstance(v, k) for k in kinds)
-    if not ok:
+    if not _json_type_ok(tp, v):
         raise APIError(400, f"{key} must be {what}, got {type(v).__name__} {str(v)[:40]!r}", key)
     return v
 
 
 def _json_type_ok(hint: Any, v: Any) -> bool:
-    """Whether JSON value `v` has the DecodeConfig field's type (no "64" for an int, no true for a number)."""
+    """Whether JSON value `v` has the type `hint` (a DecodeConfig field's, or int/float/bool/str/dict): no "64"
+    for an int, no true for a number."""
     args = typing.get_args(hint)
     if type(None) in args:
         if v is None:
@@ -97,26 +97,19 @@ def _json_type_ok(hint: Any, v: Any) -> bool:
         return _is_int(v)
     if hint is float:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if hint is str:
-        return isinstance(v, str)
-    return True
+    return isinstance(v, hint) if isinstance(hint, type) else True
 
 
 def decode_config(body: dict, defaults: DecodeConfig, gen_length: int, seed: int) -> DecodeConfig:
     """The server's DecodeConfig with the body's difflm fields applied, checked as a recipe is."""
     hints = typing.get_type_hints(DecodeConfig)
-    names = {f.name for f in dataclasses.fields(DecodeConfig)} - {"gen_length", "seed", "method"}
     over: dict[str, Any] = {}
-    for key in [k for k in body if k in names or k == "decode"]:
+    for key in [k for k in body if k in DECODE_FIELDS or k == "decode"]:
         name = "method" if key == "decode" else key
         v = body[key]
         if not _json_type_ok(hints[name], v):
             raise APIError(400, f"{key} must be of type {_type_word(hints[name])}, got {type(v).__name__} {str(v)[:40]!r}", key)
-        over[name] = v
-    if "temperature" in body:
-        over["temperature"] = _want(body, "temperature", (float,), "a number")
-    if "top_p" in body:
-        over["top_p"] = _want(body, "top_p", (float,), "a number")
+        over[name] = v  # temperature and top_p (OpenAI's names too) are DecodeConfig fields
     data = {**to_dict(defaults), **over, "gen_length": gen_length, "seed": seed}
     try:
         return from_dict(DecodeConfig, data)
@@ -131,14 +124,13 @@ def _type_word(hint: Any) -> str:
 
 
 def _check_fields(body: dict, kind: str) -> None:
-    decode_names = {f.name for f in dataclasses.fields(DecodeConfig)} - {"gen_length", "seed", "method"}
-    own = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n", "stream",
-           "stream_options", "decode"} | EXTRA | decode_names | IGNORED | set(NEUTRAL)
+    own = {"model", "max_tokens", "max_completion_tokens", "seed", "stop", "n", "stream",
+           "stream_options", "decode"} | EXTRA | DECODE_FIELDS | IGNORED | set(NEUTRAL)
     own |= {"messages"} if kind == "chat" else {"prompt"}
     for key in body:
         if key not in own:
             raise APIError(400, f"unknown field {key!r}; difflm's decode fields are: decode, "
-                                f"{', '.join(sorted(decode_names))}, denoise, prompt_format", key)
+                                f"{', '.join(sorted(DECODE_FIELDS))}, denoise, prompt_format", key)
     for key, neutral in NEUTRAL.items():
         if key in body and body[key] not in (neutral, None) and not (neutral == 0 and body[key] == 0):
             raise APIError(400, f"{key} is not supported by difflm (only {neutral!r})", key)
@@ -198,22 +190,22 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
     if name is not None and name not in (model_id, "difflm"):
         raise APIError(404, f"model {str(name)[:80]!r} is not served here; this server serves {model_id!r}",
                        "model", code="model_not_found")
-    max_tokens = _want(body, "max_completion_tokens", (int,), "an integer") or _want(body, "max_tokens", (int,), "an integer")
+    max_tokens = _want(body, "max_completion_tokens", int, "an integer") or _want(body, "max_tokens", int, "an integer")
     gen_length = defaults.gen_length if max_tokens is None else max_tokens
     if not 1 <= gen_length <= limits.tokens(model):
         raise APIError(400, f"max_tokens must be in [1, {limits.tokens(model)}], got {gen_length}", "max_tokens")
-    n = _want(body, "n", (int,), "an integer", 1)
+    n = _want(body, "n", int, "an integer", 1)
     if not 1 <= n <= limits.n:
         raise APIError(400, f"n must be in [1, {limits.n}], got {n}", "n")
-    seed = _want(body, "seed", (int,), "an integer")
+    seed = _want(body, "seed", int, "an integer")
     if seed is not None and not 0 <= seed < 2**63:
         raise APIError(400, f"seed must be in [0, 2**63), got {seed}", "seed")
-    stream = _want(body, "stream", (bool,), "true or false", False)
-    denoise = _want(body, "denoise", (bool,), "true or false", False)
+    stream = _want(body, "stream", bool, "true or false", False)
+    denoise = _want(body, "denoise", bool, "true or false", False)
     if denoise and not stream:
         raise APIError(400, "denoise (the per-step canvas events) needs stream: true", "denoise")
-    opts = _want(body, "stream_options", (dict,), "an object", {})
-    fmt = _want(body, "prompt_format", (str,), "a string", prompt_format if kind == "chat" else "raw")
+    opts = _want(body, "stream_options", dict, "an object", {})
+    fmt = _want(body, "prompt_format", str, "a string", prompt_format if kind == "chat" else "raw")
     if fmt not in PROMPT_FORMATS:
         raise APIError(400, f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}", "prompt_format")
     cfg = decode_config(body, defaults, gen_length, secrets.randbits(31) if seed is None else seed)
@@ -235,8 +227,7 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
             cfg.validate(prompt_length=len(p), max_length=getattr(model, "max_length", None))
         except ConfigError as err:
             raise APIError(400, first_line(err), "max_tokens" if err.key == "gen_length" else err.key) from None
-    return Parsed(prompts, cfg, n, stream, denoise, _stop_of(body, limits), bool(opts.get("include_usage")),
-                  seed_given=seed is not None)
+    return Parsed(prompts, cfg, n, stream, denoise, _stop_of(body, limits), bool(opts.get("include_usage")))
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
