@@ -12,11 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, Overrides, RecipePath, console, err_console, error_line, load_cli_recipe, option, run_command
-from cli.generate import DecodeOptionsCommand, decode_values, model_values
+from cli.common import Debug, Overrides, RecipePath, canvas_panel, console, err_console, error_line, load_cli_recipe, option, run_command
+from cli.generate import DecodeOptionsCommand, decode_values, load_with_spinner, model_values
+from cli.serve import API_KEY_ENV, check_api_key, check_prompt_format
 
 _C = "Chat"
-API_KEY_ENV = "DIFFLM_API_KEY"
 
 
 def chat(
@@ -58,28 +58,16 @@ def chat(
         session.backend.close()
 
 
-def _check_format(prompt_format: str | None) -> None:
-    from difflm.data.prompts import PROMPT_FORMATS
-    from difflm.errors import ConfigError
-
-    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
-        raise ConfigError(f"must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}", key="--prompt-format")
-
-
 def _local_session(recipe, overrides, given_model, decode, prompt_format, system):
-    from difflm.generation import GenerateRecipe, check_model_decoder, load_recipe_model
+    from difflm.generation import GenerateRecipe, check_model_decoder
     from difflm.models.named import DEFAULT_MODEL
     from difflm.serve.chat import ChatSession, LocalBackend
 
-    _check_format(prompt_format)
+    check_prompt_format(prompt_format)
     cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, {"model": given_model, "decode": decode})
     check_model_decoder(cfg)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # our spinner instead
     name = cfg.model.name or DEFAULT_MODEL
-    with err_console().status(f"loading {name} ...", spinner="dots"):
-        loaded = load_recipe_model(cfg.model)
+    loaded = load_with_spinner(cfg.model)
     return ChatSession(LocalBackend(loaded, name=name, prompt_format=prompt_format or "chat"), cfg.decode, system=system)
 
 
@@ -93,9 +81,8 @@ def _remote_session(url, api_key, prompt_format, system, given_model, decode, re
     if local_only:
         raise ConfigError(f"{', '.join(local_only)} apply to a local model; with --url the server's model decodes "
                           "(set decoding with the decoding options or /set)", key="--url")
-    _check_format(prompt_format)
-    if api_key is not None and not api_key.strip():
-        raise ConfigError(f"is empty (from --api-key or ${API_KEY_ENV})", key="--api-key")
+    check_prompt_format(prompt_format)
+    check_api_key(api_key)
     backend = RemoteBackend(url, api_key=api_key, prompt_format=prompt_format)
     config = apply_settings(backend.defaults, {k: v for k, v in decode.items() if v is not None})
     backend.check(config)
@@ -174,19 +161,8 @@ def _answer(session, line: str, out, err, live: bool) -> None:
 
 def _render(canvas, stop_ids):
     """The canvas as generate --live draws it: masked positions dim, committed tokens where they sit."""
-    from rich.panel import Panel
-    from rich.text import Text
-
-    text = Text()
-    for cell, tid in zip(canvas.cells, canvas.ids):
-        if cell is None:
-            text.append("░", style="dim")
-        elif tid in stop_ids:
-            text.append("·", style="dim cyan")
-        else:
-            text.append(cell, style="bold")
-    title = f"step {canvas.step}  NFE {canvas.nfe}  masked {canvas.masked}/{canvas.length}"
-    return Panel(text, title=title, border_style="magenta")
+    cells = [(cell, tid in stop_ids) for cell, tid in zip(canvas.cells, canvas.ids)]
+    return canvas_panel(cells, f"step {canvas.step}  NFE {canvas.nfe}  masked {canvas.masked}/{canvas.length}")
 
 
 def register(app: typer.Typer) -> None:

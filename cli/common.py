@@ -138,6 +138,22 @@ def load_cli_recipe(
     return load_recipe(cls, recipe_path, list(overrides or ()), cli_values)
 
 
+def canvas_panel(cells, title: str) -> Panel:
+    """The denoising canvas (generate --live, chat): `cells` is (text, is_stop) per answer position, text
+    None while masked; masked positions dim, stop tokens a dim dot, committed tokens where they sit."""
+    from rich.text import Text
+
+    text = Text()
+    for cell, is_stop in cells:
+        if cell is None:
+            text.append("░", style="dim")
+        elif is_stop:
+            text.append("·", style="dim cyan")
+        else:
+            text.append(cell, style="bold")
+    return Panel(text, title=title, border_style="magenta")
+
+
 def print_config(cfg: Any, out: Console | None = None, title: str = "resolved config") -> None:
     """Show the resolved recipe as highlighted YAML in a panel (on stderr unless `out` is given)."""
     out = out or err_console()

@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand
 
-from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, option, print_config, run_command
+from cli.common import Debug, Overrides, RecipePath, canvas_panel, console, err_console, load_cli_recipe, option, print_config, run_command
 
 _D = "Decoding"
 _M = "Model"
@@ -59,6 +59,22 @@ def model_values(ctx) -> dict:
 def decode_values(ctx) -> dict:
     """The `decode:` section's values of the decoding options (`DecodeOptionsCommand` put them in ctx.meta)."""
     return dict(ctx.meta.get(_DECODE_META, {}))
+
+
+def load_with_spinner(model_cfg, dist=None, show: bool = True):
+    """The recipe's model (`difflm.generation.load_recipe_model`), loaded under one spinner line on stderr
+    (transformers' own progress bars off) unless `show` is False; what generate, serve and chat do."""
+    import contextlib
+
+    import transformers
+
+    from difflm.generation import load_recipe_model
+    from difflm.models.named import DEFAULT_MODEL
+
+    transformers.utils.logging.disable_progress_bar()
+    name = model_cfg.name or DEFAULT_MODEL
+    with err_console().status(f"loading {name} ...", spinner="dots") if show else contextlib.nullcontext():
+        return load_recipe_model(model_cfg, dist)
 
 
 def _decode_help(meta) -> str:
@@ -181,22 +197,16 @@ def generate(
 
 def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
     from rich.live import Live
-    from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.text import Text
 
-    from difflm.generation import check_model_decoder, init_distributed, load_items, load_recipe_model
+    from difflm.generation import check_model_decoder, init_distributed, load_items
 
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # our own spinner and bar instead
     err = err_console()
     dist = init_distributed()
     quiet = quiet or not dist.main
     items = load_items(cfg.data)  # bad inputs fail before the (slow) model load
     check_model_decoder(cfg)  # so does a decoder that cannot apply to the model's family
-    with err.status(f"loading {cfg.model.name} ...", spinner="dots") if not quiet else _null():
-        model = load_recipe_model(cfg.model, dist)
+    model = load_with_spinner(cfg.model, dist, show=not quiet)
     state = {"tokens": 0, "t0": time.perf_counter()}
     progress = Progress(
         TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -223,15 +233,8 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
 
         def step_callback(ev: dict) -> None:
             gen = ev["x"][0].tolist()[-cfg.decode.gen_length :]
-            text = Text()
-            for t in gen:
-                if t == ids.mask_id:
-                    text.append("░", style="dim")
-                elif t in ids.stop_ids:
-                    text.append("·", style="dim cyan")
-                else:
-                    text.append(model.tokenizer.decode([t]), style="bold")
-            live_view.update(Panel(text, title=f"step {ev['step']}  NFE {ev['nfe']}", border_style="magenta"))
+            cells = [(None if t == ids.mask_id else model.tokenizer.decode([t]), t in ids.stop_ids) for t in gen]
+            live_view.update(canvas_panel(cells, f"step {ev['step']}  NFE {ev['nfe']}"))
 
     with progress, (live_view or _null()):
         records, man = run_generate(cfg, model=model, items=items, on_start=on_start, on_batch=on_batch, step_callback=step_callback)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Debug, Overrides, RecipePath, err_console, load_cli_recipe, option, print_config, run_command
-from cli.generate import DecodeOptionsCommand, decode_values, model_values
+from cli.generate import DecodeOptionsCommand, decode_values, load_with_spinner, model_values
 
 _S = "Server"
 _L = "Limits"
@@ -52,20 +52,16 @@ def serve(
     }
 
     def work() -> None:
-        from difflm.generation import GenerateRecipe, check_model_decoder, load_recipe_model
+        from difflm.generation import GenerateRecipe, check_model_decoder
 
         cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, cli_values)
         settings = _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout,
                              max_tokens, max_n, max_body_kb, log_level)
         check_model_decoder(cfg)
         _check_port(host, port)
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()  # our spinner instead
         err = err_console()
         print_config(cfg.decode, title="decode defaults")
-        with err.status(f"loading {cfg.model.name} ...", spinner="dots"):
-            loaded = load_recipe_model(cfg.model)
+        loaded = load_with_spinner(cfg.model)
         _fit_limits(settings, loaded, cfg)
         from difflm.serve.app import serve as run_server
 
@@ -81,7 +77,6 @@ def serve(
 
 def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout, max_tokens, max_n,
               max_body_kb, log_level):
-    from difflm.data.prompts import PROMPT_FORMATS
     from difflm.errors import ConfigError
     from difflm.serve.app import ServeSettings
     from difflm.serve.protocol import Limits
@@ -93,17 +88,32 @@ def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, ma
             raise ConfigError(f"must be >= {lo}, got {value}", key=name)
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"must be >= 1, got {max_tokens}", key="--max-tokens")
-    if prompt_format not in PROMPT_FORMATS:
-        raise ConfigError(f"must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}", key="--prompt-format")
+    check_prompt_format(prompt_format)
     levels = ("critical", "error", "warning", "info", "debug")
     if log_level not in levels:
         raise ConfigError(f"must be one of {', '.join(levels)}, got {log_level!r}", key="--log-level")
-    if api_key is not None and not api_key.strip():
-        raise ConfigError(f"is empty (from --api-key or ${API_KEY_ENV}): give a key or leave it unset", key="--api-key")
+    check_api_key(api_key)
     limits = Limits(max_tokens=max_tokens, n=max_n, body_bytes=max_body_kb * 1024)
     return ServeSettings(decode=cfg.decode, model_id=served_name or cfg.model.name or "difflm", prompt_format=prompt_format,
                          api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, timeout_s=timeout,
                          limits=limits)
+
+
+def check_api_key(api_key: str | None) -> None:
+    """--api-key (or $DIFFLM_API_KEY) may be unset, not blank (serve and chat)."""
+    from difflm.errors import ConfigError
+
+    if api_key is not None and not api_key.strip():
+        raise ConfigError(f"is empty (from --api-key or ${API_KEY_ENV}): give a key or leave it unset", key="--api-key")
+
+
+def check_prompt_format(prompt_format: str | None) -> None:
+    """--prompt-format, when given, is one of difflm's formats (serve and chat)."""
+    from difflm.data.prompts import PROMPT_FORMATS
+    from difflm.errors import ConfigError
+
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}", key="--prompt-format")
 
 
 def _fit_limits(settings, model, cfg) -> None:
