@@ -53,8 +53,11 @@ def _call_hf(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def _call_mdlm(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """MDLM's DiT takes a noise level, not a mask: the released model ignores it (time_conditioning
-    False), so pass zeros. It has no attention mask at all, so padding cannot be honoured."""
+    """MDLM's DiT takes a noise level: the released model ignores it (time_conditioning False), so 0.
+    difflm's native DiT (`difflm.models.mdlm`, `handles_padding`) takes the attention mask (and defaults the
+    timestep to 0); MDLM's own code (trust_remote_code) has no attention mask, so padding is refused there."""
+    if getattr(module, "handles_padding", False):
+        return logits_of(module(input_ids=input_ids, attention_mask=attention_mask))
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError(
             "MDLM has no attention mask: padded batches would attend to the padding; "
