@@ -188,7 +188,7 @@ class DiffusionLM:
         """Logits [B, L, V] for `input_ids` [B, L]; inputs are moved to the model's device.
 
         `logits_to_keep=n` returns the logits of the last n positions only, [B, n, V]. On the native LLaDA
-        path transformers then runs the output head (the vocabulary projection, the largest matmul at a
+        and MDLM paths the model then runs the output head (the vocabulary projection, the largest matmul at a
         126k vocabulary) on those positions alone; other families compute all and slice.
         """
         if input_ids.dim() != 2:
@@ -207,7 +207,7 @@ class DiffusionLM:
         """Whether the (base) module's forward takes `logits_to_keep` (transformers' causal LMs do)."""
         if self._keeps is None:
             base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
-            self._keeps = self.family == "llada" and "logits_to_keep" in inspect.signature(base.forward).parameters
+            self._keeps = self.family in ("llada", "mdlm") and "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._keeps
 
     def __call__(
