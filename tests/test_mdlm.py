@@ -34,8 +34,8 @@ MASK = 300  # the fixture's [MASK]: the last id, as 50257 is mdlm-owt's
 REFERENCE_ATOL = 1e-4
 # SUBS log-probs at masked positions: measured 1.5e-5 (values down to -81).
 SUBS_ATOL = 1e-4
-# A left-padded batch vs each row alone (masked vs unmasked SDPA, other GEMM shapes): measured 6.2e-5 with
-# logits up to 42; without the attention mask the difference is 3.5.
+# A left-padded batch vs each row alone (masked vs unmasked SDPA, other GEMM shapes): measured 6.3e-5 with
+# logits up to 42 (absolute or mask-counted positions alike); without the attention mask the difference is 3.5.
 PADDING_ATOL = 5e-4
 
 
@@ -47,6 +47,12 @@ def ref():
 @pytest.fixture(scope="module")
 def mdlm():
     return load_model(str(REFERENCE), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mdlm64():
+    """The fixture in float64: for comparisons across kernel paths where tokens must match (see below)."""
+    return load_model(str(REFERENCE), dtype=torch.float64, device="cpu")
 
 
 def _rows(lengths, gen=12, seed=0):
@@ -162,11 +168,11 @@ def test_batch_of_different_prompt_lengths_equals_each_row_alone(mdlm):
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("method, extra", [("conv", {"top_k": 3}), ("llada", {"temperature": 0.0, "block_length": 8})])
-def test_decoding_a_padded_batch_equals_each_prompt_alone(method, extra):
+def test_decoding_a_padded_batch_equals_each_prompt_alone(mdlm64, method, extra):
     """Decoders on a batch of prompts of different lengths (one call) vs each prompt alone, noise seeded per row.
     In float64: padded vs unpadded passes are different kernels, and a token could flip only where two candidates
     are within ~1e-12 (in float32 ~1e-5 apart, and random weights give near-ties)."""
-    m = load_model(str(REFERENCE), dtype=torch.float64, device="cpu")
+    m = mdlm64
     prompts = [r[r != MASK].tolist() for r in _rows((2, 5, 9), gen=0, seed=3)]
     ids, am = left_pad(prompts, pad_id=m.ids.pad_id)
     cfg = DecodeConfig(method=method, gen_length=16, steps=16, seed=7, eos_fill=False, **extra)
@@ -176,6 +182,40 @@ def test_decoding_a_padded_batch_equals_each_prompt_alone(method, extra):
         alone = generate(m, torch.tensor([p]), cfg, row_seeds=[seeds[i]]).sequences[0, len(p):]
         assert torch.equal(batch[i], alone)
     assert not (batch == MASK).any() and len({tuple(r) for r in batch.tolist()}) == 3
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_kv_cache_window_equals_the_full_pass_right_after_a_refresh(mdlm64, mode):
+    """Fast-dLLM's block caches apply to MDLM as to LLaDA (no time conditioning: a pass depends on the tokens
+    only): right after a refresh the window attending to cached keys scores as the full pass does."""
+    from difflm.decoding.cache import BlockCache
+
+    rows = _rows((4, 8), gen=12)
+    x, am = left_pad([r.tolist() for r in rows], pad_id=0)
+    kv = BlockCache(mdlm64, mode)
+    lo, hi = 10, (14 if mode == "dual" else x.shape[1])
+    with torch.no_grad():
+        full = kv.full(x, am, lo, hi)
+        part = kv.step(x)
+        # float64: measured difference 0.0; window positions shifted by the padding give 5.8
+        assert torch.allclose(part, full[:, lo:hi], atol=1e-10, rtol=0)
+        assert torch.allclose(kv.step(x), part, atol=1e-12, rtol=0)  # the cache was cropped back
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_kv_cache_refreshed_every_step_decodes_as_without(mdlm64, mode):
+    import dataclasses
+
+    prompts = [r[r != MASK].tolist() for r in _rows((3, 6), gen=0, seed=5)]
+    ids, am = left_pad(prompts, pad_id=0)
+    base = DecodeConfig(method="llada", gen_length=16, steps=16, block_length=8, temperature=0.0, eos_fill=False)
+    plain = generate(mdlm64, ids, base, attention_mask=am)
+    every = generate(mdlm64, ids, dataclasses.replace(base, cache=mode, cache_refresh=1), attention_mask=am)
+    assert torch.equal(plain.sequences, every.sequences) and plain.nfe == every.nfe
+    fast = generate(mdlm64, ids, dataclasses.replace(base, cache=mode), attention_mask=am)
+    assert not (fast.sequences == MASK).any() and fast.nfe == plain.nfe
 
 
 @pytest.mark.slow

@@ -7,11 +7,14 @@ and varlen attention), so it cannot run on a CPU; on transformers 5 its class fa
 a batch. This module computes the same function (checked against logits from MDLM's own code,
 tests/fixtures/mdlm-tiny-reference) and adds what it lacks:
 
-- an attention mask (1 = real token) and position ids: a left-padded row attends to its real tokens only
-  and its rotary positions start at 0 on its first real token, so every row of a batch equals its run alone;
+- an attention mask (1 = real token) and position ids: a left-padded row attends to its real tokens only, and
+  rotary attention depends on position differences only, so every row of a batch equals its run alone (up to
+  float rounding; tested);
 - CPU and CUDA, any dtype; transformers' `PreTrainedModel` (from_pretrained / save_pretrained, dtype,
   device_map, peft, gradient checkpointing); `MDLMBlock` is the unit `_no_split_modules` names (FSDP);
-- `logits_to_keep` (the 50258-wide output head only where the decoder reads).
+- `logits_to_keep` (the 50258-wide output head only where the decoder reads);
+- a KV cache (`use_cache`, `cache`: transformers' `DynamicCache`) for difflm's Fast-dLLM block caches
+  (`decode.cache prefix|dual`), the same approximation as on LLaDA: exact only when nothing changes.
 
 Parameter and buffer names are mdlm-owt's own (`backbone.blocks.{i}.attn_qkv.weight`, ...), so its
 checkpoint loads with no renaming and `save_pretrained` writes a checkpoint MDLM's own code also reads.
@@ -90,10 +93,12 @@ class MDLMConfig(PretrainedConfig):
 
 @dataclass
 class MDLMOutput(ModelOutput):
-    """`logits` [B, L, V] (or [B, logits_to_keep, V]); `hidden_states`: the embeddings and each block's output."""
+    """`logits` [B, L, V] (or [B, logits_to_keep, V]); `hidden_states`: the embeddings and each block's output;
+    `cache`: the keys/values of every block (with `use_cache`)."""
 
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    cache: Any = None
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -183,8 +188,9 @@ class MDLMBlock(GradientCheckpointingLayer):
     """One DiT block (MDLM's `DDiTBlock`): adaLN-modulated bidirectional attention and MLP, each added
     through a gate: x + gate_msa * attn(mod(norm1 x)), then + gate_mlp * mlp(mod(norm2 x))."""
 
-    def __init__(self, config: MDLMConfig):
+    def __init__(self, config: MDLMConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         dim, heads = config.hidden_dim, config.n_heads
         if dim % heads:
             raise ConfigError(f"hidden_dim {dim} is not divisible by n_heads {heads}", key="model")
@@ -203,9 +209,11 @@ class MDLMBlock(GradientCheckpointingLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cache: Any = None,
     ) -> torch.Tensor:
-        """x [B, L, D]; c [B, cond_dim]; cos/sin from `MDLMRotary`; attn_mask bool [B, 1, 1, L] (True = key
-        attended) or None (every key)."""
+        """x [B, L, D]; c [B, cond_dim]; cos/sin from `MDLMRotary`; attn_mask bool [B, 1, 1, keys] (True = key
+        attended) or None (every key); `cache`: a transformers Cache this block's keys/values are appended to
+        (the queries then attend to the cached keys and their own)."""
         batch, length, dim = x.shape
         mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
@@ -213,10 +221,10 @@ class MDLMBlock(GradientCheckpointingLayer):
 
         h = _modulate(self.norm1(x), shift_msa, scale_msa).to(dtype)
         q, k, v = self.attn_qkv(h).view(batch, length, 3, self.n_heads, self.head_dim).unbind(2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, dropout_p=0.0
-        )
+        q, k, v = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0)
         attn = attn.transpose(1, 2).reshape(batch, length, dim)
         x = x + gate_msa * F.dropout(self.attn_out(attn), p=self.dropout, training=self.training)
 
@@ -247,14 +255,8 @@ class MDLMBackbone(nn.Module):
         self.vocab_embed = MDLMEmbedding(config.hidden_dim, config.vocab_size)
         self.sigma_map = MDLMTimestepEmbedder(config.cond_dim)
         self.rotary_emb = MDLMRotary(config.hidden_dim // config.n_heads)
-        self.blocks = nn.ModuleList([MDLMBlock(config) for _ in range(config.n_blocks)])
+        self.blocks = nn.ModuleList([MDLMBlock(config, i) for i in range(config.n_blocks)])
         self.output_layer = MDLMFinalLayer(config)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only: 0 at each row's first real token (padding gets 0 too)."""
-    keep = attention_mask.long()
-    return (keep.cumsum(-1) - 1).clamp(min=0)
 
 
 class MDLMForMaskedLM(PreTrainedModel):
@@ -315,17 +317,22 @@ class MDLMForMaskedLM(PreTrainedModel):
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Any = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> MDLMOutput:
         """Raw logits [B, L, V] for `input_ids` [B, L].
 
-        attention_mask: [B, L], 1 = real token, 0 = padding (padded keys are never attended; padded query
-            rows attend to the real tokens and their logits are meaningless). None: every token is real.
-        position_ids: [B, L] rotary positions; default: counted over real tokens (0 at each row's first real
-            token), i.e. 0..L-1 without padding, as in MDLM.
+        attention_mask: [B, keys], 1 = real token, 0 = padding (padded keys are never attended; padded query
+            rows attend to the real tokens and their logits are meaningless). None: every token is real. With a
+            cache it covers the cached keys, then the new ones.
+        position_ids: [B, L] rotary positions; default 0..L-1 (after the cached length), as MDLM. Left padding
+            needs none: rotary scores depend on position differences only, so the offset cancels.
         timesteps: the noise level sigma per row [B] (or a scalar); default 0. Ignored (0) when the config
             has `time_conditioning: false`, as MDLM's own code does.
         logits_to_keep: > 0 returns the last n positions' logits only (the output head skips the rest).
+        cache, use_cache: a transformers Cache to attend to and extend (`use_cache` without one starts a
+            `DynamicCache`); returned as `.cache`.
         """
         batch, length = input_ids.shape
         device = input_ids.device
@@ -333,11 +340,14 @@ class MDLMForMaskedLM(PreTrainedModel):
             sigma = torch.zeros(batch, device=device, dtype=torch.float32)
         else:
             sigma = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        cache = cache if cache is not None else kwargs.get("past_key_values")
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(length, device=device)[None].expand(batch, -1)
-            else:
-                position_ids = position_ids_from_mask(attention_mask.to(device))
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(batch, -1)
         attn_mask = None
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             keep = attention_mask.to(device).bool()
@@ -350,13 +360,15 @@ class MDLMForMaskedLM(PreTrainedModel):
         cos, sin = bb.rotary_emb(position_ids.to(device))
         hidden = [x] if output_hidden_states else None
         for block in bb.blocks:
-            x = block(x, c, cos, sin, attn_mask)
+            x = block(x, c, cos, sin, attn_mask, cache=cache)
             if hidden is not None:
                 hidden.append(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = bb.output_layer(x, c)
-        return MDLMOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
+        return MDLMOutput(
+            logits=logits, hidden_states=tuple(hidden) if hidden is not None else None, cache=cache
+        )
 
 
 def _check_loading_info(info: dict[str, Any], name: str) -> None:
