@@ -133,12 +133,13 @@ def test_time_conditioning_path():
     torch.manual_seed(0)
     config = MDLMConfig(vocab_size=40, model_length=32, hidden_dim=32, cond_dim=16, n_blocks=2, n_heads=2)
     off = MDLMForMaskedLM(config).eval()
-    with torch.no_grad():  # MDLM zero-inits adaLN and the output layer: give them values
+    x = torch.randint(0, 39, (2, 10))
+    with torch.no_grad():  # MDLM's init: adaLN and the output layer zero, so a fresh model predicts uniformly
+        assert not off(x).logits.any() and off.backbone.blocks[0].attn_qkv.weight.std() > 0.05
         for p in off.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     on = MDLMForMaskedLM(MDLMConfig(**{**config.to_dict(), "time_conditioning": True})).eval()
     on.load_state_dict(off.state_dict())
-    x = torch.randint(0, 39, (2, 10))
     with torch.no_grad():
         base = off(x).logits
         assert torch.equal(on(x).logits, base) and torch.equal(on(x, timesteps=torch.zeros(2)).logits, base)

@@ -17,7 +17,7 @@ tests/fixtures/mdlm-tiny-reference) and adds what it lacks:
   (`decode.cache prefix|dual`), the same approximation as on LLaDA: exact only when nothing changes.
 
 Parameter and buffer names are mdlm-owt's own (`backbone.blocks.{i}.attn_qkv.weight`, ...), so its
-checkpoint loads with no renaming and `save_pretrained` writes a checkpoint MDLM's own code also reads.
+checkpoint loads with no renaming and `save_pretrained` writes weights MDLM's own code also reads.
 
 The timestep: MDLM's forward takes a noise level `sigma` per row. difflm's decoders do not pass one: the
 default is 0 for every row, and a checkpoint with `time_conditioning: false` (mdlm-owt) replaces any value by 0
@@ -104,6 +104,12 @@ class MDLMOutput(ModelOutput):
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x (1 + scale) + shift, shift/scale [B, 1, D] broadcast over positions."""
     return x * (1 + scale) + shift
+
+
+def _zero_init(linear: nn.Linear) -> nn.Linear:
+    """Marks a layer MDLM initialises to zero (adaLN modulations, the output projection): `_init_weights` reads it."""
+    linear.zero_init = True
+    return linear
 
 
 class MDLMLayerNorm(nn.Module):
@@ -200,7 +206,7 @@ class MDLMBlock(GradientCheckpointingLayer):
         self.attn_out = nn.Linear(dim, dim, bias=False)
         self.norm2 = MDLMLayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * dim)
+        self.adaLN_modulation = _zero_init(nn.Linear(config.cond_dim, 6 * dim))
 
     def forward(
         self,
@@ -238,8 +244,8 @@ class MDLMFinalLayer(nn.Module):
     def __init__(self, config: MDLMConfig):
         super().__init__()
         self.norm_final = MDLMLayerNorm(config.hidden_dim)
-        self.linear = nn.Linear(config.hidden_dim, config.vocab_size)
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_dim)
+        self.linear = _zero_init(nn.Linear(config.hidden_dim, config.vocab_size))
+        self.adaLN_modulation = _zero_init(nn.Linear(config.cond_dim, 2 * config.hidden_dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)
@@ -283,7 +289,11 @@ class MDLMForMaskedLM(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """MDLM's initialisation: torch's defaults for linear layers, kaiming-uniform embedding, unit norms,
         and zeros for every adaLN modulation and the output projection (so a fresh model predicts uniformly)."""
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.weight.shape[1])
@@ -294,12 +304,6 @@ class MDLMForMaskedLM(PreTrainedModel):
             init.ones_(module.weight)
         elif isinstance(module, MDLMRotary):
             init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
-        if isinstance(module, (MDLMBlock, MDLMFinalLayer)):
-            init.zeros_(module.adaLN_modulation.weight)
-            init.zeros_(module.adaLN_modulation.bias)
-        if isinstance(module, MDLMFinalLayer):
-            init.zeros_(module.linear.weight)
-            init.zeros_(module.linear.bias)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.vocab_embed
