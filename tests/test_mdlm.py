@@ -118,7 +118,7 @@ def test_checkpoint_names_are_mdlm_owts_and_save_round_trips(mdlm, ref, tmp_path
 
 
 @pytest.mark.numerics
-def test_time_conditioning_path():
+def test_time_conditioning_path(tmp_path, caplog):
     """The sigma path MDLM keeps even where the checkpoint turns it off: sinusoidal features against a float64
     hand computation, and with time_conditioning on, sigma changes the logits (and 0 gives the off model's)."""
     sigma = torch.tensor([0.0, 0.3, 2.5])
@@ -146,6 +146,10 @@ def test_time_conditioning_path():
         assert torch.equal(off(x, timesteps=torch.tensor([0.5, 1.0])).logits, base)
         moved = on(x, timesteps=torch.tensor([0.5, 1.0])).logits
         assert (moved - base).abs().amax(dim=(1, 2)).min() > 1e-3
+    on.save_pretrained(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        load_model(str(tmp_path), device="cpu", tokenizer=str(REFERENCE))
+    assert "time-conditioned" in caplog.text and "sigma = 0" in caplog.text  # what the decoders give it, said
 
 
 # -- what MDLM's own code cannot do: a padded batch ------------------------------------------------------
@@ -221,6 +225,7 @@ def test_kv_cache_refreshed_every_step_decodes_as_without(mdlm64, mode):
 
 @pytest.mark.slow
 @pytest.mark.numerics
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft reads the old name
 def test_bfloat16_and_training_features(mdlm, ref):
     """bf16 runs (norms, modulation and rotary in float32 inside); gradient checkpointing gives the same
     gradients; LoRA attaches to MDLM's attention projections; MDLMBlock is the FSDP wrap unit."""

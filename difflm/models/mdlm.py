@@ -31,6 +31,7 @@ MDLM's attention itself has none) is active in training mode, as in MDLM.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from difflm.errors import ConfigError, first_line
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MDLMConfig", "MDLMBlock", "MDLMForMaskedLM", "MDLMOutput", "load_mdlm_module", "ROPE_BASE"]
 
@@ -393,6 +396,10 @@ def load_mdlm_module(path: str, **kwargs: Any) -> MDLMForMaskedLM:
     `kwargs` go to from_pretrained (dtype, device_map, ...)."""
     module, info = MDLMForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
     _check_loading_info(info, path)
+    if module.config.time_conditioning:
+        log.warning(
+            "%s is time-conditioned, but difflm's decoders pass no noise level: it runs at sigma = 0", path
+        )
     return module
 
 
