@@ -53,8 +53,11 @@ def _call_hf(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def _call_mdlm(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """MDLM's DiT takes a noise level, not a mask: the released model ignores it (time_conditioning
-    False), so pass zeros. It has no attention mask at all, so padding cannot be honoured."""
+    """MDLM's DiT takes a noise level: the released model ignores it (time_conditioning False), so 0.
+    difflm's native DiT (`difflm.models.mdlm`, `handles_padding`) takes the attention mask (and defaults the
+    timestep to 0); MDLM's own code (trust_remote_code) has no attention mask, so padding is refused there."""
+    if getattr(module, "handles_padding", False):
+        return logits_of(module(input_ids=input_ids, attention_mask=attention_mask))
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError(
             "MDLM has no attention mask: padded batches would attend to the padding; "
@@ -185,7 +188,7 @@ class DiffusionLM:
         """Logits [B, L, V] for `input_ids` [B, L]; inputs are moved to the model's device.
 
         `logits_to_keep=n` returns the logits of the last n positions only, [B, n, V]. On the native LLaDA
-        path transformers then runs the output head (the vocabulary projection, the largest matmul at a
+        and MDLM paths the model then runs the output head (the vocabulary projection, the largest matmul at a
         126k vocabulary) on those positions alone; other families compute all and slice.
         """
         if input_ids.dim() != 2:
@@ -204,7 +207,7 @@ class DiffusionLM:
         """Whether the (base) module's forward takes `logits_to_keep` (transformers' causal LMs do)."""
         if self._keeps is None:
             base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
-            self._keeps = self.family == "llada" and "logits_to_keep" in inspect.signature(base.forward).parameters
+            self._keeps = self.family in ("llada", "mdlm") and "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._keeps
 
     def __call__(

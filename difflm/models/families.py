@@ -1,8 +1,9 @@
 """The families: which one a config.json describes (`detect_family`), how each loads (`load_module`).
 
 llada: natively as a bidirectional `LlamaForCausalLM` (`difflm.models.llada`), or LLaDA's own code
-with trust_remote_code; dream: `AutoModel` with the checkpoint's own code; mdlm and mlm:
-`AutoModelForMaskedLM`; ar: `AutoModelForCausalLM` (a packaged GGUF file is dequantised).
+with trust_remote_code; dream: `AutoModel` with the checkpoint's own code; mdlm: natively as MDLM's DiT
+(`difflm.models.mdlm`), or its own code with trust_remote_code; mlm: `AutoModelForMaskedLM`; ar:
+`AutoModelForCausalLM` (a packaged GGUF file is dequantised).
 The table with each family's ids and quirks: difflm/models/README.md.
 """
 
@@ -92,6 +93,15 @@ def load_module(
         return load_llama_module(source, **kwargs)  # native format (or any decoder forced to "llada")
     if family == "dream":
         return AutoModel.from_pretrained(source, trust_remote_code=True, **kwargs)
-    if family in ("mdlm", "mlm"):
+    if family == "mdlm":
+        if trust_remote_code:  # MDLM's own code: fails on transformers 5 and without flash-attn (one line)
+            from .mdlm import remote_code_errors
+
+            with remote_code_errors(source):
+                return AutoModelForMaskedLM.from_pretrained(source, trust_remote_code=True, **kwargs)
+        from .mdlm import load_mdlm_module
+
+        return load_mdlm_module(source, **kwargs)
+    if family == "mlm":
         return AutoModelForMaskedLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)

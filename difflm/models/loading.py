@@ -201,7 +201,7 @@ def _max_length(config: dict[str, Any]) -> int | None:
 
 
 def _check_remote_code(family: str, trust_remote_code: bool) -> None:
-    if family in ("dream", "mdlm") and not trust_remote_code:
+    if family == "dream" and not trust_remote_code:
         raise ConfigError(
             f"family {family} loads the model's own code from the checkpoint: pass trust_remote_code=True",
             key="trust_remote_code",
@@ -247,8 +247,8 @@ def load_model(
     device: "cpu", "cuda", "cuda:N", or None (cuda when available). Weights load straight onto it.
     adapter: a peft LoRA adapter folder (or Hub name) applied on top (`m.module` is then a PeftModel).
     quantization: None, "4bit" (QLoRA NF4, double quant, bf16 compute) or "8bit"; needs CUDA.
-    trust_remote_code: needed for dream and mdlm; for llada it selects LLaDA's own remote code
-        instead of the native bidirectional-Llama mapping.
+    trust_remote_code: needed for dream; for llada and mdlm it selects the family's own remote code
+        instead of the native model (LLaDA: bidirectional Llama; MDLM: `difflm.models.mdlm`).
     tokenizer: None (the model folder's own, if any), a folder/Hub name, or a tokenizer object.
 
     Raises ConfigError (one line) for bad arguments, a missing model, an unusable checkpoint or ids.

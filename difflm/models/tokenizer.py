@@ -60,14 +60,35 @@ def load_tokenizer(
     if local:
         if not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
             if family == "mdlm":  # kuleshov-group/mdlm-owt ships no tokenizer: it is GPT-2's
-                return optional_hub_tokenizer("gpt2", trust_remote_code=False)
+                return mdlm_tokenizer(source)
             return None
         with hub_errors(source, "tokenizer"):
             return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, config=model_config)
-    tok = optional_hub_tokenizer(source, trust_remote_code, config=model_config)
-    if tok is None and family == "mdlm":
-        tok = optional_hub_tokenizer("gpt2", trust_remote_code=False)
-    return tok
+    if family == "mdlm":
+        return mdlm_tokenizer(source)
+    return optional_hub_tokenizer(source, trust_remote_code, config=model_config)
+
+
+#: The tokenizer MDLM was trained with (mdlm-owt ships none): GPT-2's, with [MASK] appended as id 50257.
+MDLM_TOKENIZER = "gpt2"
+
+
+def mdlm_tokenizer(source: str):
+    """GPT-2's tokenizer for an MDLM checkpoint that ships none (said in a warning); a one-line ConfigError
+    when it is neither cached nor downloadable."""
+    from transformers import AutoTokenizer
+
+    log.warning("%s ships no tokenizer: using GPT-2's (%r), as MDLM was trained with", source, MDLM_TOKENIZER)
+    local_only = hub_local_only()
+    try:
+        return AutoTokenizer.from_pretrained(MDLM_TOKENIZER, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        where = "it is not cached and the Hub is offline or unreachable" if local_only else first_line(err)
+        raise ConfigError(
+            f"{source} is an MDLM checkpoint without a tokenizer, and GPT-2's ({MDLM_TOKENIZER!r}) cannot be loaded: "
+            f"{where}; pass tokenizer= (--tokenizer) a GPT-2 tokenizer folder, or run once online",
+            key="tokenizer",
+        ) from None
 
 
 def optional_hub_tokenizer(name: str, trust_remote_code: bool, config: Any = None):
