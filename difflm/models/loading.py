@@ -201,7 +201,7 @@ def _max_length(config: dict[str, Any]) -> int | None:
 
 
 def _check_remote_code(family: str, trust_remote_code: bool) -> None:
-    if family in ("dream", "mdlm") and not trust_remote_code:
+    if family == "mdlm" and not trust_remote_code:
         raise ConfigError(
             f"family {family} loads the model's own code from the checkpoint: pass trust_remote_code=True",
             key="trust_remote_code",
@@ -247,8 +247,8 @@ def load_model(
     device: "cpu", "cuda", "cuda:N", or None (cuda when available). Weights load straight onto it.
     adapter: a peft LoRA adapter folder (or Hub name) applied on top (`m.module` is then a PeftModel).
     quantization: None, "4bit" (QLoRA NF4, double quant, bf16 compute) or "8bit"; needs CUDA.
-    trust_remote_code: needed for dream and mdlm; for llada it selects LLaDA's own remote code
-        instead of the native bidirectional-Llama mapping.
+    trust_remote_code: needed for mdlm; for llada and dream it selects the family's own remote code
+        instead of the native bidirectional Llama / Qwen2 (known failures on transformers 5: one line).
     tokenizer: None (the model folder's own, if any), a folder/Hub name, or a tokenizer object.
 
     Raises ConfigError (one line) for bad arguments, a missing model, an unusable checkpoint or ids.
@@ -278,7 +278,7 @@ def load_model(
     if gguf is not None:  # no config.json: the config transformers built from the GGUF metadata
         config = module.config.to_dict()
     vocab_size = _vocab_size(module, config)
-    if family == "llada":
+    if family == "llada" or (family == "dream" and not trust_remote_code):
         check_bidirectional(module, vocab_size or 16, name)
     tok = load_tokenizer(
         tokenizer, source, local, family, trust_remote_code, getattr(module, "config", None),
