@@ -181,3 +181,171 @@ def test_remote_code_rope_buffers_are_rebuilt_or_refused(monkeypatch):
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: remote)
     m = _load_model(str(DREAM_REFERENCE), trust_remote_code=True, device="cpu")
     assert m.module is remote and torch.isfinite(remote[0].inv_freq).all()
+
+
+# -- the `dream` decode method against Dream's own diffusion_generate -------------------------------------
+def _prompts(ref):
+    return [ref[f"prompt_{i}"].tolist() for i in range(3)]
+
+
+def _left_padded(prompts, pad=0):
+    from difflm.generation import left_pad
+
+    return left_pad(prompts, pad)
+
+
+@pytest.mark.slow
+def test_dream_greedy_equals_dreams_own_diffusion_generate(dream, ref, settings):
+    """All 18 greedy sequences (3 algorithms x 2 step counts x 3 prompts) with Dream's own softmax; the three prompts
+    of different lengths decode as ONE left-padded batch, so each row also equals its run alone (Dream's own outputs
+    were made one prompt at a time). Under SUBS (the default) 17 of 18 are identical (see difflm/decoding/dream.py)."""
+    assert len(settings) == 18
+    prompts = _prompts(ref)
+    ids, mask = _left_padded(prompts, dream.ids.pad_id)
+    assert len({len(p) for p in prompts}) == 3 and not mask.bool().all()
+    same_subs = 0
+    for alg in ("maskgit_plus", "entropy", "topk_margin"):
+        for steps in (8, 16):
+            s = settings[f"dream_{alg}_steps{steps}_prompt_0"]
+            assert (s["temperature"], s["alg_temp"], s["top_p"], s["max_new_tokens"]) == (0.0, 0.0, None, 16)
+            for subs in (False, True):
+                cfg = DecodeConfig(method="dream", alg=alg, steps=steps, gen_length=16, eps=s["eps"],
+                                   mask_in_softmax=not subs)
+                out = generate(dream, ids, cfg, attention_mask=mask)
+                assert out.nfe == steps
+                for i in range(3):
+                    want = ref[f"dream_{alg}_steps{steps}_prompt_{i}"]
+                    got = out.sequences[i, ids.shape[1]:]
+                    if subs:
+                        same_subs += int(torch.equal(got, want))
+                    else:
+                        assert torch.equal(got, want), (alg, steps, i, got.tolist(), want.tolist())
+    assert same_subs >= 17
+
+
+@pytest.mark.numerics
+def test_dream_batch_rows_equal_rows_alone(dream, ref):
+    """Logits of a left-padded batch of prompts of different lengths equal each row alone at every real slot
+    (measured max difference 0.0 here; 1e-4 as DREAM_ATOL), plus 16 masked answer slots."""
+    prompts = _prompts(ref)
+    ids, mask = _left_padded(prompts, dream.ids.pad_id)
+    answer = torch.full((3, 16), dream.ids.mask_id)
+    x = torch.cat([ids, answer], 1)
+    am = torch.cat([mask, torch.ones_like(answer)], 1)
+    with torch.no_grad():
+        batch = dream(x, attention_mask=am)
+        for i, p in enumerate(prompts):
+            alone = dream(torch.tensor([p + [dream.ids.mask_id] * 16]))
+            n = len(p) + 16
+            # slot 0 of a row alone reads itself; in the batch the first real slot reads a pad: compare from 1
+            assert (batch[i, -n + 1 :] - alone[0, 1:]).abs().max() <= DREAM_ATOL
+
+
+def test_dream_schedule_against_exact_arithmetic():
+    """Dream's per-step count int(n (1 - s/t)) on linspace(1, eps, S + 1), against exact rational arithmetic away
+    from integer boundaries, and every answer position committed by the last step."""
+    from fractions import Fraction
+
+    from difflm.decoding.dream import dream_timesteps, transfer_count
+
+    for steps, n0, eps in ((8, 16, 1e-3), (16, 16, 1e-3), (5, 37, 0.2)):
+        ts = dream_timesteps(steps, eps)
+        assert ts.dtype == torch.float32 and ts[0] == 1 and abs(float(ts[-1]) - eps) < 1e-7
+        n = n0
+        for i in range(steps):
+            k = transfer_count(n, ts[i], ts[i + 1], i == steps - 1)
+            t, s = Fraction(float(ts[i])), Fraction(float(ts[i + 1]))
+            exact = n * (1 - s / t)
+            if i < steps - 1 and abs(exact - round(exact)) > Fraction(1, 1000):
+                assert k == int(exact)
+            n -= k
+        assert n == 0
+
+
+def test_dream_confidences_against_float64_by_hand():
+    from difflm.decoding.dream import filter_logits, propose
+
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 0.2, 3.0]])
+    p = torch.softmax(z.double(), -1)
+    top2 = p.topk(2, -1).values
+    tok, conf = propose(z, "maskgit_plus", 0.0, None, None, None)
+    assert tok.tolist() == [0, 3] and torch.allclose(conf, top2[:, 0], rtol=1e-12)
+    _, conf = propose(z, "topk_margin", 0.0, None, None, None)
+    assert torch.allclose(conf, top2[:, 0] - top2[:, 1], rtol=1e-12)
+    _, conf = propose(z, "entropy", 0.0, None, None, None)
+    assert torch.allclose(conf, (p * torch.log(p + 1e-10)).sum(-1), rtol=1e-12)
+    # top-p keeps the smallest sorted prefix whose mass exceeds p (the first token always); top-k the k largest
+    row = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    q = torch.softmax(row, -1)[0]  # 0.644, 0.237, 0.087, 0.032
+    assert torch.isfinite(filter_logits(row, 0.5, None)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(row, float(q[0] + q[1]) + 1e-3, None)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(row, None, 2)).tolist() == [[True, True, False, False]]
+    # with top-k at temperature 0 the confidence is renormalised over the kept tokens, as in Dream's code
+    _, conf = propose(row, "maskgit_plus", 0.0, None, 2, None)
+    assert torch.allclose(conf, (q[0] / (q[0] + q[1])).double()[None], rtol=1e-6)
+
+
+def test_dream_sampling_is_seeded_per_row(dream, ref):
+    """temperature > 0 and alg_temp > 0: a row's tokens depend on its seed, not on its batch."""
+    p = ref["prompt_1"].tolist()
+    x = torch.tensor([p, p])
+    for alg in ("origin", "entropy"):
+        cfg = DecodeConfig(method="dream", alg=alg, steps=8, gen_length=16, temperature=0.8, top_p=0.9, alg_temp=0.5)
+        both = generate(dream, x, cfg, row_seeds=[11, 12]).sequences
+        alone = generate(dream, x[:1], cfg, row_seeds=[12]).sequences
+        assert torch.equal(both[1], alone[0])
+        assert not torch.equal(both[0], both[1])  # different seeds, different draws
+        assert (both[:, len(p):] != dream.ids.mask_id).all()
+
+
+def test_dream_method_on_another_family(tiny_llada_dir):
+    """`dream` decodes any diffusion family (here a LLaDA-format model)."""
+    m = _load_model(str(tiny_llada_dir), device="cpu")
+    out = generate(m, torch.tensor([[5, 6, 7]]), DecodeConfig(method="dream", alg="maskgit_plus", steps=4, gen_length=8))
+    assert (out.sequences[:, 3:] != m.ids.mask_id).all() and out.nfe == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"method": "dream", "alg": "greedy"}, "alg"),
+        ({"method": "dream", "eps": 0.0}, "eps"),
+        ({"method": "dream", "eps": 1.0}, "eps"),
+        ({"method": "dream", "alg_temp": -1.0}, "alg_temp"),
+        ({"method": "llada", "mask_in_softmax": True}, "mask_in_softmax"),
+        ({"method": "conv", "suppress_tokens": [1]}, "suppress_tokens"),
+        ({"method": "llada", "suppress_tokens": [-1]}, "suppress_tokens[0]"),
+    ],
+)
+def test_dream_options_are_validated(kwargs, key):
+    with pytest.raises(ConfigError) as excinfo:
+        DecodeConfig(gen_length=16, steps=8, **kwargs).validate()
+    assert excinfo.value.key == key and "\n" not in str(excinfo.value)
+
+
+# -- the LLaDA KV caches and threshold decoding on Dream ---------------------------------------------------
+def test_llada_caches_work_on_dream(dream, ref):
+    """Right after a refresh the cached window's logits equal the full pass's (measured 0.0; 1e-4), and refreshing
+    every step reproduces uncached decoding token for token (the same logits each step), for prefix and dual, on a
+    left-padded batch (Dream's positions from each row's first real token, its shift at the window's start)."""
+    from difflm.decoding.cache import BlockCache
+
+    ids, mask = _left_padded(_prompts(ref), dream.ids.pad_id)
+    plen = ids.shape[1]
+    x = torch.cat([ids, torch.full((3, 16), dream.ids.mask_id)], 1)
+    x[:, plen + 2] = 50  # a decoded token in the first block
+    am = torch.cat([mask, torch.ones(3, 16, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = dream(x, attention_mask=am)[:, -16:]
+        for mode in ("prefix", "dual"):
+            kv = BlockCache(dream, mode)
+            assert (kv.full(x, am, plen + 8, plen + 16, logits_to_keep=16) - full).abs().max() <= DREAM_ATOL
+            assert (kv.step(x) - full[:, 8:]).abs().max() <= DREAM_ATOL
+    base = dict(method="llada", gen_length=16, steps=16, block_length=8)
+    plain = generate(dream, ids, DecodeConfig(**base), attention_mask=mask).sequences
+    for mode in ("prefix", "dual"):
+        cached = generate(dream, ids, DecodeConfig(**base, cache=mode, cache_refresh=1), attention_mask=mask)
+        assert torch.equal(cached.sequences, plain)
+    th = generate(dream, ids, DecodeConfig(method="threshold", gen_length=16, steps=16, block_length=8, cache="dual"),
+                  attention_mask=mask)
+    assert (th.sequences[:, plen:] != dream.ids.mask_id).all()
