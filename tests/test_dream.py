@@ -349,3 +349,89 @@ def test_llada_caches_work_on_dream(dream, ref):
     th = generate(dream, ids, DecodeConfig(method="threshold", gen_length=16, steps=16, block_length=8, cache="dual"),
                   attention_mask=mask)
     assert (th.sequences[:, plen:] != dream.ids.mask_id).all()
+
+
+# -- real checkpoint names: LLaDA-1.5 and Dream by name, from the Hugging Face cache ------------------------
+def _cache_as(monkeypatch, tmp_path, repo_id, folder):
+    """Put `folder` into a Hugging Face cache under `repo_id` (the layout hf_hub_download reads offline)."""
+    import huggingface_hub.constants as hf_constants
+
+    root = tmp_path / "hub"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize(
+    "repo_id, folder, family",
+    [
+        ("GSAI-ML/LLaDA-1.5", Path(__file__).parent / "fixtures" / "llada-tiny-reference", "llada"),
+        ("Dream-org/Dream-v0-Instruct-7B", DREAM_REFERENCE, "dream"),
+    ],
+)
+def test_real_checkpoint_names(monkeypatch, tmp_path, repo_id, folder, family):
+    """The name alone gives the family before any download; a cached copy (here the fixture in the real format)
+    loads by that name through from_pretrained, natively, with no remote code."""
+    from difflm.models.loading import known_family
+
+    assert known_family(repo_id) == family
+    _cache_as(monkeypatch, tmp_path, repo_id, folder)
+    m = _load_model(repo_id, device="cpu", dtype="float32")
+    assert m.family == family and m.name == repo_id
+    assert type(m.module).__name__ == {"llada": "LlamaForCausalLM", "dream": "Qwen2ForCausalLM"}[family]
+
+
+def test_suppressed_confidence_by_hand():
+    """LLaDA's confidence_eos_eot_inf: the proposal stays the argmax over every token; its confidence is the softmax
+    with the suppressed ids at -inf (0 when the proposal itself is suppressed), float64 by hand."""
+    from difflm.decoding.dream import suppressed_confidence
+
+    logits = torch.tensor([[[3.0, 1.0, 0.5, 0.0], [0.0, 2.0, 1.0, 0.5], [1.0, 0.0, 4.0, 0.0]]])
+    region = torch.tensor([[True, True, False]])
+    x0 = logits.argmax(-1)  # [0, 1, 2]
+    conf = suppressed_confidence(logits, x0, region, [0, 3])
+    z = logits[0, 1].double().clone()
+    z[[0, 3]] = float("-inf")
+    assert conf[0, 0] == 0.0  # proposes a suppressed id: ranks last
+    assert torch.isclose(conf[0, 1], torch.softmax(z, -1)[1], rtol=1e-12)
+    assert conf[0, 2] == 0.0  # outside the region
+    with pytest.raises(ConfigError):
+        suppressed_confidence(logits, x0, region, [4])
+
+
+def test_suppress_tokens_delays_eos_in_llada_decoding(dream):
+    """A model that proposes EOS with high confidence at the even answer positions: plain greedy llada (one commit per
+    step) commits those EOS first; with the stop ids suppressed, every other position commits before any of them."""
+    stop = list(dream.ids.stop_ids)
+
+    class Boost:  # Dream's fixture model with the EOS logit raised by 20 at the even answer positions
+        family, ids, max_length, name = "dream", dream.ids, None, "boost"
+
+        def __call__(self, x, attention_mask=None, logits_to_keep=None):
+            out = dream(x, attention_mask=attention_mask).clone()
+            out[:, 4::2, stop[0]] += 20.0
+            return out[:, -logits_to_keep:] if logits_to_keep else out
+
+    def commit_order(cfg):
+        order, before = [], None
+
+        def record(event):
+            nonlocal before
+            now = event["x"][0, 4:].clone()
+            prev = before if before is not None else torch.full_like(now, dream.ids.mask_id)
+            order.extend(((prev == dream.ids.mask_id) & (now != dream.ids.mask_id)).nonzero().squeeze(1).tolist())
+            before = now
+
+        out = generate(Boost(), torch.tensor([[5, 6, 7, 8]]), cfg, callback=record)
+        return order, out.sequences[0, 4:]
+
+    base = dict(method="llada", gen_length=16, steps=16, block_length=16)
+    order, seq = commit_order(DecodeConfig(**base))
+    assert sorted(order[:8]) == list(range(0, 16, 2)) and (seq[0::2] == stop[0]).all()  # EOS first
+    order, seq = commit_order(DecodeConfig(**base, suppress_tokens=stop))
+    assert len(order) == 16 and (seq[0::2] == stop[0]).all()  # still EOS there, committed last
+    assert sorted(order[:8]) == list(range(1, 16, 2)) and sorted(order[8:]) == list(range(0, 16, 2))

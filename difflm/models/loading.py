@@ -28,6 +28,7 @@ from .checks import check_adapter, check_bidirectional, check_finite
 from .families import detect_family, load_module
 from .hub import hub_config_file, hub_errors, looks_like_repo_id
 from .ids import first_int, resolve_ids
+from .known import known_checkpoint_family
 from .llada import read_config
 from .named import PACKAGED_MODELS, embedded_model_dir, packaged_gguf
 from .tokenizer import load_tokenizer
@@ -144,8 +145,8 @@ def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any]
 
 def known_family(name_or_path: str | os.PathLike, family: str = "auto") -> str | None:
     """The model's family without loading weights, when that is cheap: the given family, a packaged
-    model's, or the family a local (or embedded) folder's config.json implies. None otherwise (a Hub
-    name is not looked up here; load_model tells)."""
+    model's, a known Hub checkpoint's (`difflm.models.known`), or the family a local (or embedded) folder's
+    config.json implies. None otherwise (a Hub name is not looked up here; load_model tells)."""
     family = _check_family(family)
     if family != "auto":
         return family
@@ -153,6 +154,8 @@ def known_family(name_or_path: str | os.PathLike, family: str = "auto") -> str |
     path = Path(name).expanduser()
     if not path.is_dir() and name in PACKAGED_MODELS:
         return PACKAGED_MODELS[name].family
+    if not path.is_dir() and known_checkpoint_family(name) is not None:  # a real Hub checkpoint difflm knows
+        return known_checkpoint_family(name)
     folder = path if path.is_dir() else embedded_model_dir(name)
     if folder is None or not (folder / "config.json").is_file():
         return None
