@@ -435,3 +435,33 @@ def test_suppress_tokens_delays_eos_in_llada_decoding(dream):
     order, seq = commit_order(DecodeConfig(**base, suppress_tokens=stop))
     assert len(order) == 16 and (seq[0::2] == stop[0]).all()  # still EOS there, committed last
     assert sorted(order[:8]) == list(range(1, 16, 2)) and sorted(order[8:]) == list(range(0, 16, 2))
+
+
+def test_dream_origin_one_step_is_the_argmax(dream, ref):
+    """origin with one step unmasks every position at once (p_transfer 1 at the last step) with the argmax of the
+    first forward pass, MASK excluded (SUBS); an independent computation."""
+    p = ref["prompt_2"].tolist()
+    x = torch.tensor([p + [dream.ids.mask_id] * 16])
+    with torch.no_grad():
+        logits = dream(x)[0, len(p):].double()
+    logits[:, dream.ids.mask_id] = float("-inf")
+    out = generate(dream, torch.tensor([p]), DecodeConfig(method="dream", alg="origin", steps=1, gen_length=16))
+    assert torch.equal(out.sequences[0, len(p):], logits.argmax(-1))
+
+
+def test_dream_chat_prompt_uses_the_tokenizers_template(dream):
+    """Dream's chat format is its tokenizer's own (ChatML in the real model; set here, the fixture has none):
+    the prompt ends with the assistant header, and `<|im_end|>` (a stop id) closes the user turn."""
+    tok = dream.tokenizer
+    template = tok.chat_template
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    try:
+        ids = dream.chat_ids("hi")
+    finally:
+        tok.chat_template = template
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == im_start and ids.count(im_start) == 2 and ids.count(dream.ids.eot_id) == 1
+    assert dream.ids.eot_id in dream.ids.stop_ids
