@@ -21,7 +21,8 @@ Differences from Dream's code:
   Since p(MASK) differs from position to position, confidences that are near-ties between two positions can swap
   order, and from there the two sequences part. Measured on the fixture (a random tiny model, p(MASK) ~ 1/320):
   17 of Dream's 18 greedy sequences come out identical under SUBS; topk_margin, 8 steps, prompt 0 differs from
-  step 2 on, where the second pick's margins of two positions are that close. With `mask_in_softmax: true` all 18
+  step 2 on: the second pick there is between two positions whose top-1 minus top-2 margins are 0.2218 vs 0.2229
+  in Dream's softmax and 0.2241 vs 0.2239 under SUBS (p(MASK) 1.0% vs 0.4% at the two positions). With `mask_in_softmax: true` all 18
   are identical. A trained Dream puts almost no mass on MASK at its outputs, so the swap needs a near-tie.
 - Rows: Dream uses one batch-averaged count per step (`mask.sum() / B`); difflm counts per row, which is the same
   whenever rows hold equally many masks (always, without EOS fill) and keeps a row's output independent of its batch.
