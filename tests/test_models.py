@@ -277,13 +277,6 @@ def test_auto_detects_every_local_family(tmp_path, tiny_llada_dir, tiny_native_l
     assert load_model(str(tiny_native_llada_dir)).family == "llada"
     assert load_model(str(build_tiny_mlm(tmp_path / "mlm"))).family == "mlm"
     assert load_model(str(build_tiny_ar(tmp_path / "ar"))).family == "ar"
-    for model_type, family in (("Dream", "dream"),):  # mdlm loads natively: tests/test_mdlm.py
-        folder = tmp_path / family
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
-        with pytest.raises(ConfigError) as excinfo:  # detected, then refused without remote code
-            load_model(str(folder))
-        _one_line_config_error(excinfo, "trust_remote_code=True", family)
 
 
 @pytest.mark.parametrize(

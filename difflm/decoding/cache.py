@@ -1,5 +1,6 @@
 """Approximate KV caching for block decoders (Fast-dLLM's prefix and dual caches), on Hugging Face
-Llama-style modules that accept `cache=`, `use_cache=` and `position_ids=` (difflm's native LLaDA path).
+Llama-style modules that accept `cache=`, `use_cache=` and `position_ids=` (difflm's native LLaDA and Dream
+paths; for Dream the recomputed window starts one position earlier, whose output scores the window's first slot).
 
 In a bidirectional model every key changes when any token changes, so a cache is an approximation:
 at the start of each block (and every `refresh` steps) one full forward pass computes the logits and
@@ -39,6 +40,10 @@ class BlockCache:
         if mode not in ("prefix", "dual"):
             raise ConfigError(f"unknown cache mode {mode!r}; allowed: prefix, dual", key="cache")
         self.model, self.mode = model, mode
+        #: Dream (native): slot i reads the output at i-1, so the window starts one position earlier, the logits
+        #: are shifted, and positions count from each row's first real token (Dream's left padding)
+        self.shift = getattr(model, "family", None) == "dream"
+        self.offset: torch.Tensor | None = None  # per row: left padding (Dream's positions)
         self.cache = None
         self.keep_len = 0
         self.lo = self.hi = 0
@@ -48,7 +53,14 @@ class BlockCache:
         """Full forward on x; keeps the keys/values outside the recomputed window [lo, hi) of the next steps
         (absolute positions; for `prefix` hi is the sequence end). Returns logits [B, T, V], or of the last
         `logits_to_keep` positions only when it is > 0 (the output head is skipped for the prompt)."""
-        kw = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        kw = {"logits_to_keep": logits_to_keep + self.shift} if logits_to_keep else {}
+        if self.shift:
+            from difflm.models.dream import dream_position_ids
+
+            lo -= 1  # the output at lo - 1 scores slot lo
+            if attn is not None:
+                kw["position_ids"] = dream_position_ids(attn)
+                self.offset = (attn == 0).sum(1)
         out = _module(self.model)(x, attention_mask=attn, use_cache=True, **kw)
         cache = _cache_of(out)
         n = x.shape[1]
@@ -58,12 +70,19 @@ class BlockCache:
             layer.values = layer.values.index_select(-2, keep)
         self.cache, self.keep_len, self.lo, self.hi = cache, keep.numel(), lo, hi
         self.attn_kept = None if attn is None else attn.index_select(1, keep)
-        return logits_of(out)
+        logits = logits_of(out)
+        if self.shift:
+            from difflm.models.dream import shift_logits
+
+            logits = logits[:, :-1] if logits_to_keep else shift_logits(logits)
+        return logits
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, hi - lo, V] of the window [lo, hi) of x, attending to the cached keys/values."""
         ids = x[:, self.lo : self.hi]
         pos = torch.arange(self.lo, self.hi, device=x.device)[None].expand(x.shape[0], -1)
+        if self.offset is not None:
+            pos = pos - self.offset[:, None]
         am = None
         if self.attn_kept is not None:
             am = torch.cat([self.attn_kept, torch.ones_like(ids, dtype=self.attn_kept.dtype)], 1)
@@ -71,4 +90,5 @@ class BlockCache:
         for layer in self.cache.layers:  # drop the window's keys again: the cache stays the refreshed one
             layer.keys = layer.keys[..., : self.keep_len, :]
             layer.values = layer.values[..., : self.keep_len, :]
-        return logits_of(out)
+        logits = logits_of(out)
+        return logits[:, :-1] if self.shift else logits  # Dream: the window's first output scores its second slot

@@ -44,7 +44,10 @@ class DecodeConfig:
     #: default block_length, else gen_length/4 (`difflm.decoding.conv.effective_kernel_size`)
     kernel_size: int | None = field(default=None, metadata={"help": "Conv window K (even: K+1).", "min": 1})
     top_k: int | None = field(default=None, metadata={"help": "Keep the k best tokens.", "min": 1})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus p (nucleus).", "min": 0.0, "max": 1.0})
+    #: default 0.95 for nucleus, off for dream (Dream's own default); `effective_top_p`
+    top_p: float | None = field(
+        default=None, metadata={"help": "Nucleus p (nucleus: 0.95; dream: off).", "min": 0.0, "max": 1.0}
+    )
     #: default 1 for the mass methods, 0 for the confidence ones (`effective_temperature`)
     temperature: float | None = field(default=None, metadata={"help": "0 = argmax token.", "min": 0.0})
     remasking: str = field(
@@ -69,6 +72,19 @@ class DecodeConfig:
         default=None, metadata={"help": "Steps between cache refreshes in a block.", "min": 1}
     )
     seed: int = field(default=0, metadata={"help": "Base seed; per item: (seed, id)."})
+    #: Dream's samplers (`difflm.decoding.dream`): the confidence rule, its selection temperature, the time floor
+    alg: str = field(
+        default="entropy",
+        metadata={"help": "(dream).", "choices": ["origin", "maskgit_plus", "topk_margin", "entropy"]},
+    )
+    alg_temp: float = field(default=0.0, metadata={"help": "Dream: 0 = top-confidence commits.", "min": 0.0})
+    eps: float = field(default=1e-3, metadata={"help": "Dream: time grid linspace(1, eps, S+1).", "min": 0.0})
+    #: off: difflm's SUBS rule (MASK out of the softmax); on: Dream's own code exactly (`difflm.decoding.dream`)
+    mask_in_softmax: bool = field(default=False, metadata={"help": "Dream: keep MASK in the softmax as Dream's code."})
+    #: LLaDA-1.5's `confidence_eos_eot_inf`: these ids are never ranked above another proposal
+    suppress_tokens: list[int] | None = field(
+        default=None, metadata={"help": "Ids committed last by confidence decoders (e.g. EOS, EOT).", "min": 0}
+    )
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
@@ -120,6 +136,15 @@ class DecodeConfig:
                     f"cfg_scale applies to the diffusion methods, not {m} (allowed for {m}: 0, off), got {self.cfg_scale}",
                     key="cfg_scale",
                 )
+        if not 0.0 < self.eps < 1.0:  # also refuses NaN
+            raise ConfigError(f"must be in (0, 1) (the last time of Dream's grid), got {self.eps}", key="eps")
+        if self.mask_in_softmax and m != "dream":
+            raise ConfigError(f"mask_in_softmax applies to method dream, not {m}", key="mask_in_softmax")
+        if self.suppress_tokens and m not in CONFIDENCE_METHODS:
+            raise ConfigError(
+                f"suppress_tokens applies to the confidence decoders {', '.join(CONFIDENCE_METHODS)}, not {m}",
+                key="suppress_tokens",
+            )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
         if self.cache is not None:
@@ -139,6 +164,12 @@ class DecodeConfig:
         if self.temperature is not None:
             return float(self.temperature)
         return 0.0 if self.method in CONFIDENCE_METHODS else 1.0
+
+    def effective_top_p(self) -> float | None:
+        """top_p, or the method's default: 0.95 for nucleus, None (off) otherwise (dream: as Dream's own)."""
+        if self.top_p is not None:
+            return float(self.top_p)
+        return 0.95 if self.method in AR_METHODS else None
 
     def effective_block_length(self) -> int:
         return self.block_length or self.gen_length

@@ -18,6 +18,7 @@ from difflm.decoding import conv
 from difflm.decoding import steps as S
 from difflm.decoding.cache import BlockCache
 from difflm.decoding.config import DecodeConfig, check_method_family
+from difflm.decoding.dream import suppressed_confidence
 from difflm.decoding.methods import REGISTRY
 from difflm.errors import ConfigError
 from difflm.models.base import logits_of
@@ -216,7 +217,8 @@ class _Decoder:
     def postprocess(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """MASK at -inf and the repetition penalty, on logits of all or a window of the positions
         (of the batch rows `rows`, or all of them)."""
-        logits[..., self.mask_id] = float("-inf")
+        if not getattr(self, "keep_mask_logit", False):  # SUBS; `dream` with mask_in_softmax keeps it
+            logits[..., self.mask_id] = float("-inf")
         if self.cfg.repetition_penalty != 1.0:
             x, valid = (self.x, self.valid) if rows is None else (self.x[rows], self.valid[rows])
             S.apply_repetition_penalty(logits, x, valid & (x != self.mask_id), self.cfg.repetition_penalty)
@@ -356,7 +358,8 @@ class _Decoder:
     def run_confidence(self, window: torch.Tensor, n_steps: int) -> None:
         cfg = self.cfg
         tau = cfg.effective_threshold()
-        greedy = self.temperature == 0 and cfg.remasking == "low_confidence"
+        suppress = list(cfg.suppress_tokens or ())  # LLaDA-1.5's EOS/EoT rule: the generic path below
+        greedy = self.temperature == 0 and cfg.remasking == "low_confidence" and not suppress
         # greedy decoding reads the logits from the first masked position of the window on (the model's
         # head skips the rest; the block's start is the first bound); the sampled variants keep the whole
         # region, so their noise draws stay as they were
@@ -417,6 +420,8 @@ class _Decoder:
             else:
                 counts = schedule[:, i] if tau is None else None
                 x0, conf = S.propose(logits, region, self.temperature, cfg.remasking, self.gens, self.active)
+                if suppress and cfg.remasking == "low_confidence":
+                    conf = torch.where(region, suppressed_confidence(logits, x0, region, suppress), conf)
                 if scale is not None:
                     conf = torch.where(region, conf * scale, conf)
                 sel = S.commit_top(conf, counts, k) if tau is None else S.commit_threshold(conf, tau)
@@ -445,8 +450,9 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
     warpers = LogitsProcessorList()
     if temperature > 0:
         warpers.append(TemperatureLogitsWarper(temperature))
-        if cfg.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(cfg.top_p))
+        top_p = cfg.effective_top_p()
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
     gens = _generators(row_seeds, device)
     stops = torch.tensor(stop_ids, device=device)
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

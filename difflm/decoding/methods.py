@@ -41,6 +41,12 @@ def _block_confidence(d) -> None:
     d.run_blocks(d.run_confidence)
 
 
+def _dream(d) -> None:
+    from difflm.decoding.dream import run_dream  # torch: imported when the method runs
+
+    run_dream(d)
+
+
 _REGISTRY = (
     Method("categorical", "mass", _whole_mass, top_k=False),
     Method("topk", "mass", _whole_mass),
@@ -51,6 +57,7 @@ _REGISTRY = (
     Method("llada", "confidence", _block_confidence, blocks=True),
     Method("llada_conv", "confidence", _whole_confidence, conv=True),
     Method("threshold", "confidence", _block_confidence, blocks=True),
+    Method("dream", "confidence", _dream),
     Method("nucleus", "ar"),
 )
 

@@ -70,10 +70,15 @@ def _call_mdlm(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 def _call_dream(module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """Dream predicts token i at position i-1 (it was initialised from an AR model): shift right.
 
-    Masks follow Dream's own sampler: no padding -> the string "full"; with (left) padding a boolean
+    The native module (a bidirectional Qwen2, `difflm.models.dream.dream_logits`) takes the 2-D key mask and
+    Dream's position ids. Dream's remote code (trust_remote_code) gets what its own sampler passes. Masks follow Dream's own sampler: no padding -> the string "full"; with (left) padding a boolean
     [B, 1, L, L] mask and position ids that start at 0 on the first real token. Unlike Dream's code
     the mask only hides padded KEYS (padded query rows stay finite instead of all-masked NaN).
     """
+    from .dream import dream_logits, is_native_dream
+
+    if is_native_dream(module):
+        return dream_logits(module, input_ids, attention_mask)
     if attention_mask is None or bool(attention_mask.bool().all()):
         raw = logits_of(module(input_ids, "full", None))
     else:
@@ -199,6 +204,10 @@ class DiffusionLM:
             attention_mask = attention_mask.to(device)
         if logits_to_keep is None:
             return self._forward(self.module, input_ids, attention_mask)
+        if self.family == "dream" and self._head_keeps_logits():  # the head on one slot more, then the shift
+            from .dream import dream_logits
+
+            return dream_logits(self.module, input_ids, attention_mask, logits_to_keep)
         if self._head_keeps_logits():
             return logits_of(self.module(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep))
         return self._forward(self.module, input_ids, attention_mask)[:, -logits_to_keep:]
@@ -207,7 +216,10 @@ class DiffusionLM:
         """Whether the (base) module's forward takes `logits_to_keep` (transformers' causal LMs do)."""
         if self._keeps is None:
             base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
-            self._keeps = self.family in ("llada", "mdlm") and "logits_to_keep" in inspect.signature(base.forward).parameters
+            from .dream import is_native_dream
+
+            native = self.family in ("llada", "mdlm") or (self.family == "dream" and is_native_dream(base))
+            self._keeps = native and "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._keeps
 
     def __call__(

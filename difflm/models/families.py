@@ -1,7 +1,8 @@
 """The families: which one a config.json describes (`detect_family`), how each loads (`load_module`).
 
 llada: natively as a bidirectional `LlamaForCausalLM` (`difflm.models.llada`), or LLaDA's own code
-with trust_remote_code; dream: `AutoModel` with the checkpoint's own code; mdlm: natively as MDLM's DiT
+with trust_remote_code; dream: natively as a bidirectional `Qwen2ForCausalLM` (`difflm.models.dream`), or
+Dream's own code with trust_remote_code (RoPE buffers rebuilt); mdlm: natively as MDLM's DiT
 (`difflm.models.mdlm`), or its own code with trust_remote_code; mlm: `AutoModelForMaskedLM`; ar:
 `AutoModelForCausalLM` (a packaged GGUF file is dequantised).
 The table with each family's ids and quirks: difflm/models/README.md.
@@ -17,6 +18,7 @@ from torch import nn
 from difflm.errors import ConfigError
 
 from .base import FAMILIES
+from .dream import is_dream_format, load_dream_module, rebuild_rope, remote_code_error
 from .llada import LLADA_KEY_MAPPING, is_llada_format, is_native_bidirectional, llama_config_from_llada, load_llama_module
 
 
@@ -26,10 +28,10 @@ def detect_family(config: dict[str, Any], name: str = "model") -> str:
     archs = [str(a) for a in (config.get("architectures") or [])]
     if is_llada_format(config) or any(a.lower().startswith("llada") for a in archs):
         return "llada"
+    if is_dream_format(config):  # Dream's own format, or difflm's native Dream (before the native LLaDA rule)
+        return "dream"
     if is_native_bidirectional(config):
         return "llada"
-    if model_type == "dream" or any(a.startswith("Dream") for a in archs):
-        return "dream"
     if model_type == "mdlm" or "MDLM" in archs:
         return "mdlm"
     if any(a.endswith("ForMaskedLM") for a in archs):
@@ -92,7 +94,17 @@ def load_module(
             return load_llama_module(source, config=llama_config, key_mapping=LLADA_KEY_MAPPING, **kwargs)
         return load_llama_module(source, **kwargs)  # native format (or any decoder forced to "llada")
     if family == "dream":
-        return AutoModel.from_pretrained(source, trust_remote_code=True, **kwargs)
+        if not trust_remote_code:  # natively: a bidirectional Qwen2 (difflm.models.dream)
+            return load_dream_module(source, config, **kwargs)
+        try:  # Dream's own code, opt-in: its known failures on transformers 5 become one line
+            module = AutoModel.from_pretrained(source, trust_remote_code=True, **kwargs)
+        except (KeyError, TypeError) as err:
+            known = remote_code_error(err, source)
+            if known is None:
+                raise
+            raise known from None
+        rebuild_rope(module, source)  # from_pretrained leaves them uninitialised
+        return module
     if family == "mdlm":
         if trust_remote_code:  # MDLM's own code: fails on transformers 5 and without flash-attn (one line)
             from .mdlm import remote_code_errors

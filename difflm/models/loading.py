@@ -28,6 +28,7 @@ from .checks import check_adapter, check_bidirectional, check_finite
 from .families import detect_family, load_module
 from .hub import hub_config_file, hub_errors, looks_like_repo_id
 from .ids import first_int, resolve_ids
+from .known import known_checkpoint_family
 from .llada import read_config
 from .named import PACKAGED_MODELS, embedded_model_dir, packaged_gguf
 from .tokenizer import load_tokenizer
@@ -144,8 +145,8 @@ def resolve_source(name_or_path: str | os.PathLike) -> tuple[str, dict[str, Any]
 
 def known_family(name_or_path: str | os.PathLike, family: str = "auto") -> str | None:
     """The model's family without loading weights, when that is cheap: the given family, a packaged
-    model's, or the family a local (or embedded) folder's config.json implies. None otherwise (a Hub
-    name is not looked up here; load_model tells)."""
+    model's, a known Hub checkpoint's (`difflm.models.known`), or the family a local (or embedded) folder's
+    config.json implies. None otherwise (a Hub name is not looked up here; load_model tells)."""
     family = _check_family(family)
     if family != "auto":
         return family
@@ -153,6 +154,8 @@ def known_family(name_or_path: str | os.PathLike, family: str = "auto") -> str |
     path = Path(name).expanduser()
     if not path.is_dir() and name in PACKAGED_MODELS:
         return PACKAGED_MODELS[name].family
+    if not path.is_dir() and known_checkpoint_family(name) is not None:  # a real Hub checkpoint difflm knows
+        return known_checkpoint_family(name)
     folder = path if path.is_dir() else embedded_model_dir(name)
     if folder is None or not (folder / "config.json").is_file():
         return None
@@ -200,14 +203,6 @@ def _max_length(config: dict[str, Any]) -> int | None:
     return first_int(*(config.get(k) for k in _MAX_LENGTH_KEYS))
 
 
-def _check_remote_code(family: str, trust_remote_code: bool) -> None:
-    if family == "dream" and not trust_remote_code:
-        raise ConfigError(
-            f"family {family} loads the model's own code from the checkpoint: pass trust_remote_code=True",
-            key="trust_remote_code",
-        )
-
-
 def _pretrained_kwargs(
     torch_dtype: torch.dtype | str, quant: str | None, dev: torch.device, gguf: Path | None
 ) -> dict[str, Any]:
@@ -247,8 +242,8 @@ def load_model(
     device: "cpu", "cuda", "cuda:N", or None (cuda when available). Weights load straight onto it.
     adapter: a peft LoRA adapter folder (or Hub name) applied on top (`m.module` is then a PeftModel).
     quantization: None, "4bit" (QLoRA NF4, double quant, bf16 compute) or "8bit"; needs CUDA.
-    trust_remote_code: needed for dream; for llada and mdlm it selects the family's own remote code
-        instead of the native model (LLaDA: bidirectional Llama; MDLM: `difflm.models.mdlm`).
+    trust_remote_code: for llada, dream and mdlm it selects the family's own remote code instead of the
+        native model (bidirectional Llama / Qwen2, MDLM's DiT); known failures on transformers 5: one line.
     tokenizer: None (the model folder's own, if any), a folder/Hub name, or a tokenizer object.
 
     Raises ConfigError (one line) for bad arguments, a missing model, an unusable checkpoint or ids.
@@ -268,7 +263,6 @@ def load_model(
         source, config, local = resolve_source(name)
     if family == "auto":
         family = detect_family(config, name)
-    _check_remote_code(family, trust_remote_code)
 
     kwargs = _pretrained_kwargs(torch_dtype, quant, dev, gguf)
     with hub_errors(name):
@@ -278,7 +272,7 @@ def load_model(
     if gguf is not None:  # no config.json: the config transformers built from the GGUF metadata
         config = module.config.to_dict()
     vocab_size = _vocab_size(module, config)
-    if family == "llada":
+    if family == "llada" or (family == "dream" and not trust_remote_code):
         check_bidirectional(module, vocab_size or 16, name)
     tok = load_tokenizer(
         tokenizer, source, local, family, trust_remote_code, getattr(module, "config", None),

@@ -57,7 +57,7 @@ class TrainModelConfig:
         },
     )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "needed for dream; llada and mdlm load natively without it"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "llada/dream/mdlm: their own code instead of the native path"})
     adapter: str | None = field(
         default=None,
         metadata={"help": "start from this LoRA adapter (LoRA/QLoRA: train it further; full: merge it first)"},
