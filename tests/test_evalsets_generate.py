@@ -23,6 +23,7 @@ def _generate(tmp_path, name, *args):
     return json.loads(out.read_text()), json.loads(Path(str(out) + ".manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_mt_bench_first_turn_fastchat_and_hub_files(tmp_path):
     recs, man = _generate(tmp_path, "mt1", "--eval-set", "mt_bench", "--data-path", str(FIX / "mt_bench_question.jsonl"))
     assert [r["id"] for r in recs] == ["81", "91", "111", "121"] and man["items"] == 4
