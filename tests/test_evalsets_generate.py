@@ -56,6 +56,38 @@ def test_mt_bench_second_turn_sees_the_models_own_first_answer(tmp_path):
     assert model.tokenizer.decode(ids).count(recs[0]["turns"][0][:20]) == 1
 
 
+def test_second_turn_run_resumes(tmp_path):
+    """Interrupted during the second turn, the rerun decodes only the missing second turns and writes what an
+    uninterrupted run writes."""
+    from difflm.config import load_recipe
+    from difflm.generation import GenerateRecipe, run_generate
+
+    def recipe(out):
+        return load_recipe(GenerateRecipe, None, [], {
+            "model.name": "tiny-math", "output": str(out), "batch_size": 2, "data.eval_set": "mt_bench",
+            "data.data_path": str(FIX / "mt_bench_question.jsonl"), "data.turns": 2,
+            "decode.gen_length": 8, "decode.steps": 2, "decode.top_k": 2})
+
+    full, _ = run_generate(recipe(tmp_path / "full.json"))
+
+    first_run = []
+
+    def stop_in_turn_2(recs):  # the batch is saved before this is called
+        first_run.extend(r["id"] for r in recs)
+        if any(r["turn"] == 2 for r in recs):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(recipe(out), on_batch=stop_in_turn_2)
+    seen, decoded = {}, []
+    recs, _ = run_generate(recipe(out), on_start=lambda total, done: seen.update(total=total, done=done),
+                           on_batch=lambda rs: decoded.extend(r["id"] for r in rs))
+    assert seen == {"total": 8, "done": 6} and len(first_run) == 6
+    assert sorted(decoded) == sorted({r["id"] for r in full} - set(first_run)) and len(decoded) == 2
+    assert [(r["id"], r["output"]) for r in recs] == [(r["id"], r["output"]) for r in full]
+
+
 def test_turns_2_needs_mt_bench(tmp_path):
     res = runner.invoke(app, [*BASE, "-p", "hello", "--turns", "2"])
     assert res.exit_code == 2 and "data.turns" in res.output and len(res.output.strip().splitlines()) == 1

@@ -130,6 +130,7 @@ def test_arena_hard_both_schemas():
     assert items[0]["question_id"] == "a1f0c2d3e4b5" and items[0]["category"] == "arena-hard-v0.1"
     assert items[0]["instruction"].startswith("Write a spreadsheet formula")
     assert items[2]["instruction"].startswith("Explain the difference") and items[2]["category"] == "hard_prompt"
+    assert items[0]["cluster"] == "Spreadsheet Formulas" and items[2]["subcategory"] == "coding"
 
 
 def test_paper_wiki_shipped_set():

@@ -10,8 +10,8 @@
   (``helpful_base``, ``koala``, ...) because alpaca_eval's output JSON reports it;
 - ``eval_set``: the eval set's name (always);
 - carried fields: alpaca_eval ``input`` (if any) and ``reference`` (the hub's reference output);
-  gsm8k ``answer`` (the gold solution ending in ``#### N``); arena_hard ``question_id`` and
-  ``category``; mt_bench ``question_id``, ``category``, ``turn`` (1), ``turns`` (every turn's question, for
+  gsm8k ``answer`` (the gold solution ending in ``#### N``); arena_hard ``question_id``,
+  ``category`` and, where given, ``cluster`` (v0.1) / ``subcategory`` (v2.0); mt_bench ``question_id``, ``category``, ``turn`` (1), ``turns`` (every turn's question, for
   the second-turn run) and ``reference_answers`` (FastChat's per-turn reference answers, where given);
   wiki ``category`` and ``entity``; wikitext ``reference`` (the rest of the paragraph).
 
@@ -266,6 +266,9 @@ def _convert(name: str, row: int, rec: dict) -> dict | None:
         prompt = turns[0]["content"] if turns else rec["prompt"]
         item = {"id": str(qid), "instruction": prompt, "dataset": name,
                 "question_id": str(qid), "category": rec.get("category")}
+        for extra in ("cluster", "subcategory"):  # v0.1's category is one value; its cluster says more
+            if rec.get(extra) is not None:
+                item[extra] = rec[extra]
     item["eval_set"] = name
     return item
 
