@@ -10,7 +10,7 @@ pair is exactly P for the longer output: a rule a test can compute on its own.
 
 Each answered request appends one JSON line to --log (instruction, model, Authorization header). With
 --die-after N the process exits abruptly (os._exit) on the request after the N-th answer: a judge killed
-half-way. A request without logprobs gets HTTP 400.
+half-way. A request without logprobs gets HTTP 400; with --no-logprobs the answers carry none.
 """
 
 import argparse
@@ -28,7 +28,7 @@ OUTPUTS = re.compile(r'"model_identifier": "(m|M)",\s*"output": """(.*?)"""', re
 INSTRUCTION = re.compile(r'"instruction": """(.*?)""",', re.S)
 
 
-def make_app(p_longer: float, log_path: str, die_after: int | None):
+def make_app(p_longer: float, log_path: str, die_after: int | None, no_logprobs: bool = False):
     app = FastAPI()
     lock = threading.Lock()
     state = {"answered": 0}
@@ -49,6 +49,11 @@ def make_app(p_longer: float, log_path: str, die_after: int | None):
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"instruction": INSTRUCTION.search(text).group(1), "model": body["model"],
                                     "authorization": request.headers.get("authorization")}) + "\n")
+        if no_logprobs:  # a server that ignores the logprobs request
+            return {"id": "judge", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "length", "logprobs": None,
+                                 "message": {"role": "assistant", "content": best}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         top = [{"token": best, "logprob": math.log(p_longer), "bytes": None},
                {"token": other, "logprob": math.log(1 - p_longer), "bytes": None}]
         return {
@@ -72,12 +77,13 @@ def main() -> None:
     ap.add_argument("--p-longer", type=float, default=0.9)
     ap.add_argument("--log", required=True)
     ap.add_argument("--die-after", type=int, default=None)
+    ap.add_argument("--no-logprobs", action="store_true")
     args = ap.parse_args()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     print(sock.getsockname()[1], flush=True)
-    config = uvicorn.Config(make_app(args.p_longer, args.log, args.die_after), log_level="warning")
+    config = uvicorn.Config(make_app(args.p_longer, args.log, args.die_after, args.no_logprobs), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -30,11 +30,12 @@ runner = CliRunner()
 class Judge:
     """A judge server process (started here, stopped by its own pid)."""
 
-    def __init__(self, tmp: Path, die_after: int | None = None):
+    def __init__(self, tmp: Path, die_after: int | None = None, *extra: str):
         self.log = tmp / f"judge-{id(self)}.jsonl"
         cmd = [sys.executable, str(SERVER), "--p-longer", str(P_LONGER), "--log", str(self.log)]
         if die_after is not None:
             cmd += ["--die-after", str(die_after)]
+        cmd += list(extra)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         port = self.proc.stdout.readline().strip()
         assert port.isdigit(), f"judge server did not start ({port!r})"
@@ -185,6 +186,27 @@ def test_refused_and_silent_judges_fail_in_one_line(tmp_path):
             evaluate_files(out, ref, judge=JudgeEndpoint(base_url=url, model="x", timeout=0.5, max_retries=0),
                            output_dir=tmp_path / "silent")
     assert url in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_judge_without_logprobs_is_named_in_one_line(tmp_path, judge):
+    """A server that ignores the logprobs request: one line saying so; its unparsable answers are not kept as
+    judged, so a rerun against a proper judge asks for every pair and gets the rule's numbers."""
+    out, ref = mt_bench_shaped(tmp_path, LONGER)
+    j = Judge(tmp_path, None, "--no-logprobs")
+    try:
+        res = runner.invoke(app, _judge_args(out, ref, j.url))
+    finally:
+        j.stop()
+    assert res.exit_code == 1, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert j.url in line and "logprobs" in line and "Traceback" not in res.stderr
+    assert "0 judged pairs are kept" in line
+    res = runner.invoke(app, _judge_args(out, ref, judge.url))
+    assert res.exit_code == 0, res.output
+    assert len(judge.judged()) == 20
+    s = json.loads((tmp_path / "mine.json.alpaca.json").read_text())
+    assert s["n"] == 20 and s["win_rate"] == pytest.approx(expected_win_rate(LONGER), abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -206,7 +206,8 @@ def _alpaca_eval_logs():
 
 
 def _annotator_class():
-    """alpaca_eval's `PairwiseAnnotator`, reading its annotation cache with a float preference column.
+    """alpaca_eval's `PairwiseAnnotator`, reading its annotation cache with a float preference column and
+    without the pairs cached as missing (see below).
 
     Why: the cache is a JSON file that alpaca_eval reads back with `pd.read_json`, which turns a column of
     whole numbers (preferences 1.0 / 2.0, as a discrete judge or clear logprobs give) into int64. Its
@@ -225,7 +226,11 @@ def _annotator_class():
             df = self.df_annotations
             key = self.annotation_key
             if df is not None and key in df.columns and pd.api.types.is_integer_dtype(df[key]):
-                self.df_annotations = df.astype({key: "float64"})
+                df = self.df_annotations = df.astype({key: "float64"})
+            if df is not None and key in df.columns:
+                # pairs whose judge answer could not be parsed are cached as "missing" (-1 / null), and
+                # alpaca_eval would never ask again, even a fixed server: dropped here, so a rerun asks for them
+                self.df_annotations = df[df[key].notna() & (df[key] != self.TMP_MISSING_ANNOTATION)]
 
     return _CachedFloatPreferenceAnnotator
 
@@ -302,11 +307,17 @@ def evaluate_files(
     except Exception as e:
         import openai
 
-        if not isinstance(e, openai.OpenAIError):
+        if isinstance(e, openai.OpenAIError):
+            raise JudgeError(
+                f"the judge at {judge.where} did not answer ({error_summary(e)[:160]}); {_cached_pairs(cache)} judged "
+                f"pairs are kept in {cache}: rerun to judge the rest"
+            ) from None
+        if not judge.custom or isinstance(e, DifflmError):
             raise
+        # the server answered, but not in the form the annotator parses (typically: no logprobs)
         raise JudgeError(
-            f"the judge at {judge.where} did not answer ({error_summary(e)[:160]}); {_cached_pairs(cache)} judged "
-            f"pairs are kept in {cache}: rerun to judge the rest"
+            f"the annotator {annotator} could not read the answers of the judge at {judge.where} "
+            f"({error_summary(e)[:120]}){_parser_hint(config)}; {_cached_pairs(cache)} judged pairs are kept in {cache}"
         ) from None
     groups = _groups(annotations, _labels(model_full))
     ref_manifest = Path(str(reference) + ".manifest.json")
@@ -341,10 +352,23 @@ _LEADERBOARD_KEYS = (
 )
 
 
-def _cached_pairs(cache: Path) -> int:
+def _parser_hint(config: Path) -> str:
+    """What the annotator asks of the judge's answers (for an error message)."""
+    import yaml
+
     try:
-        return len(json.loads(cache.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
+        (sub,) = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).values()
+        wants_logprobs = bool((sub.get("completions_kwargs") or {}).get("logprobs"))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ""
+    return "; it reads the logprobs of the answer tokens: does the server return logprobs" if wants_logprobs else ""
+
+
+def _cached_pairs(cache: Path) -> int:
+    """Pairs in the annotation cache with a preference (alpaca_eval also stores failed ones, as null)."""
+    try:
+        return sum(a.get("preference") not in (None, -1) for a in json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
         return 0
 
 
