@@ -173,8 +173,10 @@ def test_refused_and_silent_judges_fail_in_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     res = runner.invoke(app, _judge_args(out, ref, refused))
-    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()[-1:]) == 1
-    assert refused in res.stderr and "did not answer" in res.stderr and "Traceback" not in res.stderr
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and refused in errors[0] and "did not answer" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
     from difflm.eval.alpaca import JudgeError, evaluate_files
     from difflm.eval.judge import JudgeEndpoint
 
