@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Debug, console, err_console, run_command
+from cli.common import Debug, Overrides, RecipePath, console, err_console, load_cli_recipe, run_command
 
 eval_app = typer.Typer(
     name="eval",
@@ -84,7 +84,6 @@ def gsm8k(
     run_command(work, debug)
 
 
-@eval_app.command("alpaca")
 def alpaca(
     outputs: Outputs,
     reference: Annotated[
@@ -92,36 +91,71 @@ def alpaca(
         typer.Option("--reference", metavar="REF.json", dir_okay=False,
                      help="Reference outputs (paper: an AR model of the same size, difflm generate --decode nucleus)."),
     ],
+    recipe: RecipePath = None,
     annotator: Annotated[
-        str,
-        typer.Option("--annotator", help="alpaca_eval annotator config (name, folder or configs.yaml)."),
-    ] = "weighted_alpaca_eval_gpt4_turbo",
+        Optional[str],
+        typer.Option("--annotator", help="alpaca_eval annotator config (name, folder or configs.yaml) "
+                                         "[default: weighted_alpaca_eval_gpt4_turbo]."),
+    ] = None,
+    judge_base_url: Annotated[
+        Optional[str],
+        typer.Option("--judge-base-url", metavar="URL",
+                     help="Any OpenAI-compatible server (vLLM, SGLang, llama.cpp, ...), e.g. http://127.0.0.1:8000/v1."),
+    ] = None,
+    judge_model: Annotated[
+        Optional[str], typer.Option("--judge-model", metavar="NAME", help="The judge's model name at that server.")
+    ] = None,
+    judge_api_key_env: Annotated[
+        Optional[str],
+        typer.Option("--judge-api-key-env", metavar="VAR",
+                     help="Environment variable holding the judge's key; default OPENAI_API_KEY, "
+                          "not needed for a loopback URL."),
+    ] = None,
+    judge_timeout: Annotated[
+        Optional[float], typer.Option("--judge-timeout", metavar="SECONDS", help="Per request (default 120).")
+    ] = None,
+    chunk_size: Annotated[
+        Optional[int], typer.Option("--chunk-size", metavar="N", help="Pairs judged between cache writes (default 16).")
+    ] = None,
     output_dir: Annotated[
         Optional[Path],
-        typer.Option("--output-dir", file_okay=False, help="alpaca_eval's files (default: OUT.json.alpaca_eval/)."),
+        typer.Option("--output-dir", "--out", file_okay=False,
+                     help="alpaca_eval's files and the judge cache (default: OUT.json.alpaca_eval/)."),
     ] = None,
     max_instances: Annotated[
-        Optional[int], typer.Option("--max-instances", min=1, help="Judge only N pairs (a cheap trial).")
+        Optional[int], typer.Option("--max-instances", help="Judge only N pairs (a cheap trial).")
     ] = None,
     results: Results = None,
+    overrides: Overrides = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Judge outputs against reference answers with alpaca_eval: win rate and length-controlled win rate.
+    """Judge outputs of any eval set against reference answers with an alpaca_eval annotator: win rate and
+    length-controlled win rate, with standard errors, overall, per set, per category and per MT-Bench turn.
 
-    Example: difflm eval alpaca --outputs runs/alpaca-conv.json --reference runs/reference.json
+    Example: difflm eval alpaca --outputs runs/mt_bench-conv.json --reference runs/mt_bench-ref.json
 
-    Needs the judge's API key (default annotator, GPT-4-turbo: OPENAI_API_KEY) and network. The LC win rate
-    needs the full 805-instruction AlpacaEval set. Writes OUT.json.alpaca.json and OUT.json.alpaca_eval/.
+    Example (a local judge): difflm eval alpaca --outputs runs/wiki-conv.json --reference runs/wiki-ref.json --judge-base-url http://127.0.0.1:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct
+
+    The default judge is OpenAI's GPT-4-turbo (OPENAI_API_KEY). With --judge-base-url/--judge-model only the
+    endpoint and the model change; the annotator's prompt and parser stay. A recipe (--recipe judge.yaml) can hold
+    annotator, judge_base_url, judge_model, judge_api_key_env, judge_timeout, chunk_size, max_instances.
+    Writes OUT.json.alpaca.json and OUT.json.alpaca_eval/ (the judge cache: a rerun judges only the missing pairs).
     """
+    cli_values = {"annotator": annotator, "judge_base_url": judge_base_url, "judge_model": judge_model,
+                  "judge_api_key_env": judge_api_key_env, "judge_timeout": judge_timeout, "chunk_size": chunk_size,
+                  "max_instances": max_instances}
 
     def work() -> None:
         from difflm.eval.alpaca import evaluate_files
+        from difflm.eval.judge import JudgeRecipe
 
+        cfg = load_cli_recipe(JudgeRecipe, recipe, overrides, cli_values)
         err = err_console()
         res = evaluate_files(
-            outputs, reference, annotator=annotator, output_dir=output_dir, max_instances=max_instances,
-            results=results, on_progress=None if quiet else (lambda msg: err.print(msg, highlight=False)),
+            outputs, reference, annotator=cfg.annotator, output_dir=output_dir, max_instances=cfg.max_instances,
+            results=results, judge=cfg.endpoint(), chunk_size=cfg.chunk_size,
+            on_progress=None if quiet else (lambda msg: err.print(msg, highlight=False)),
         )
 
         def pm(v, se):
@@ -129,17 +163,37 @@ def alpaca(
 
         out = console()
         out.print(
-            f"AlpacaEval vs {Path(res['reference']).name}: win rate {pm(res['win_rate'], res['standard_error'])}%, "
+            f"vs {Path(res['reference']).name}: win rate {pm(res['win_rate'], res['standard_error'])}%, "
             f"LC win rate {pm(res['length_controlled_winrate'], res['lc_standard_error'])}% "
-            f"({res['n_total']} pairs, annotator {res['annotator']})",
+            f"({res['n_total']} pairs, judge {res['judge']['annotator']})",
             highlight=False,
         )
-        if not quiet:
-            if res.get("lc_note"):
-                err.print(f"note: {res['lc_note']}", highlight=False)
-            err.print(f"results: {res['results_path']}  alpaca_eval files: {res['output_dir']}", highlight=False)
+        if quiet:
+            return
+        if res.get("lc_note"):
+            err.print(f"note: {res['lc_note']}", highlight=False)
+        groups = [(k, v) for key in ("by_eval_set", "by_category", "by_turn") for k, v in res[key].items()]
+        if len(groups) > 1:
+            from rich.table import Table
+
+            t = Table(title="per set / category / turn")
+            for col in ("group", "n", "win rate %", "LC win rate %"):
+                t.add_column(col, justify="left" if col == "group" else "right")
+            for key in ("by_eval_set", "by_category", "by_turn"):
+                for k, v in res[key].items():
+                    label = f"turn {k}" if key == "by_turn" else k
+                    t.add_row(label, str(v["n"]), pm(v["win_rate"], v["standard_error"]),
+                              pm(v["lc_win_rate"], v["lc_standard_error"]))
+            out.print(t)
+        err.print(f"results: {res['results_path']}  alpaca_eval files: {res['output_dir']}", highlight=False)
 
     run_command(work, debug)
+
+
+# the same command under a name that says what it does on any set
+eval_app.command("alpaca")(alpaca)
+eval_app.command("pairwise", help="Alias of `difflm eval alpaca`: pairwise LLM-judged win rates on any eval set.\n\n"
+                 "Example: difflm eval pairwise --outputs runs/wiki-conv.json --reference runs/wiki-ref.json")(alpaca)
 
 
 @eval_app.command("fluency")

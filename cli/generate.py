@@ -150,9 +150,13 @@ def generate(
     # inputs
     prompt: Annotated[Optional[list[str]], option("--prompt", "-p", help="Prompt text (repeatable).", panel=_I)] = None,
     input: Annotated[Optional[str], option("--input", "-i", help="JSON list / JSONL with `instruction`.", panel=_I)] = None,
-    eval_set: Annotated[Optional[str], option("--eval-set", help="alpaca_eval|gsm8k|wiki|arena_hard", panel=_I)] = None,
+    eval_set: Annotated[Optional[str], option("--eval-set", help="alpaca_eval|gsm8k|mt_bench|wiki|wikitext|arena_hard", panel=_I)] = None,
     data_path: Annotated[Optional[str], option("--data-path", help="Local copy of the eval set.", panel=_I)] = None,
     limit: Annotated[Optional[int], option("--limit", help="First N items.", panel=_I)] = None,
+    turns: Annotated[
+        Optional[int], option("--turns", help="mt_bench: 2 answers the second question too (after the first answer).",
+                              panel=_I)
+    ] = None,
     prompt_format: Annotated[
         Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
     ] = None,
@@ -178,7 +182,7 @@ def generate(
         "model": model_values(ctx),
         "decode": decode_values(ctx),
         "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
-                     prompt_format=prompt_format),
+                     prompt_format=prompt_format, turns=turns),
         "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
     }
 

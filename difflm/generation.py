@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from difflm.config import load_yaml, save_resolved, to_dict
-from difflm.data.evalsets import EVAL_SETS, load_eval_set, read_inputs
-from difflm.data.prompts import PROMPT_FORMATS, encode_prompt
+from difflm.data.evalsets import EVAL_SETS, load_eval_set, read_inputs, second_turn_item
+from difflm.data.prompts import PROMPT_FORMATS, conversation_ids, encode_prompt
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError
 from difflm.io import PartialResults, atomic_write_json, write_alpaca_eval_json
@@ -61,6 +61,10 @@ class GenerateDataConfig:
     data_path: str | None = field(default=None, metadata={"help": "local copy of the eval set"})
     limit: int | None = field(default=None, metadata={"min": 1})
     prompt_format: str = field(default="alpaca", metadata={"choices": list(PROMPT_FORMATS)})
+    turns: int = field(
+        default=1, metadata={"choices": [1, 2], "help": "mt_bench: 2 also answers the second question, after the "
+                                                        "model's own first answer"}
+    )
 
     def validate(self) -> None:
         given = [n for n, v in (("prompts", self.prompts), ("input", self.input), ("eval_set", self.eval_set)) if v]
@@ -68,6 +72,8 @@ class GenerateDataConfig:
             raise ConfigError(f"give one source of prompts, got {', '.join(given)}", key="prompts")
         if self.data_path and not self.eval_set:
             raise ConfigError("data_path needs eval_set (the schema to read it with)", key="data_path")
+        if self.turns != 1 and self.eval_set != "mt_bench":
+            raise ConfigError(f"{self.turns} needs eval_set mt_bench (got {self.eval_set})", key="data.turns")
 
 
 # the names before the split (still importable; `ModelConfig`/`DataConfig` meant another class in training)
@@ -160,7 +166,10 @@ def iter_batches(
         raise ConfigError(f"model {model.name} has no tokenizer: pass model.tokenizer=DIR", key="model.tokenizer")
     encoded = []
     for i, it in enumerate(items):
-        ids = encode_prompt(model, it["instruction"], it.get("input"), prompt_format, chat_ids_fn=model.chat_ids)
+        if it.get("messages"):  # a later turn: the conversation so far (mt_bench's second turn)
+            ids = conversation_ids(model, it["messages"], prompt_format)
+        else:
+            ids = encode_prompt(model, it["instruction"], it.get("input"), prompt_format, chat_ids_fn=model.chat_ids)
         if not ids:
             raise ConfigError(f"item {it['id']}: the prompt is empty", key="data")
         encoded.append(Item(i, it, ids))
@@ -388,38 +397,50 @@ def run_generate(
     if model is None:
         check_model_decoder(recipe)  # before any file is written or the model loaded
     done = prepare_output(recipe, dist) if recipe.output else set()
-    todo = [it for it in items if str(it["id"]) not in done]
-    mine = todo[dist.rank :: dist.world]
     if model is None:
         model = load_recipe_model(recipe.model, dist)
     generator = recipe.generator or f"{Path(str(recipe.model.name)).name}-{recipe.decode.method}"
+    turns = recipe.data.turns
     if on_start:
-        on_start(len(items), len(done))
+        on_start(len(items) * turns, len(done))
     partial = PartialResults(_partial_path(Path(recipe.output), dist.rank)) if recipe.output else None
     results: list[dict] = []
-    for recs in iter_batches(
-        model, mine, recipe.decode, prompt_format=recipe.data.prompt_format, batch_size=recipe.batch_size,
-        generator=generator, step_callback=step_callback,
-    ):
-        if partial is not None:
-            partial.append(recs)
-        results.extend(recs)
-        if on_batch:
-            on_batch(recs)
-    _barrier(dist)  # every rank has finished its share before rank 0 merges
+
+    def decode(pass_items: list[dict]) -> None:
+        todo = [it for it in pass_items if str(it["id"]) not in done]
+        for recs in iter_batches(
+            model, todo[dist.rank :: dist.world], recipe.decode, prompt_format=recipe.data.prompt_format,
+            batch_size=recipe.batch_size, generator=generator, step_callback=step_callback,
+        ):
+            if partial is not None:
+                partial.append(recs)
+            results.extend(recs)
+            if on_batch:
+                on_batch(recs)
+        _barrier(dist)  # every rank has finished its share before the records are read back
+
+    def finished() -> dict[str, dict]:
+        if not recipe.output:
+            return {str(r["id"]): r for r in results}
+        by_id: dict[str, dict] = {}
+        for p in _all_partials(Path(recipe.output)):
+            by_id.update({str(r["id"]): r for r in PartialResults(p).load()})
+        return by_id
+
+    decode(items)
+    if turns == 2:  # mt_bench: the second question after the model's own first answer
+        first = finished()
+        seconds = [second_turn_item(first[i], first[i]["output"]) for i in ids]
+        decode(seconds)
+        ids = [j for i, s in zip(ids, seconds) for j in (i, str(s["id"]))]  # question by question
     records: list[dict] = []
     man = None
     if dist.main:
-        if recipe.output:
-            by_id: dict[str, dict] = {}
-            for p in _all_partials(Path(recipe.output)):
-                by_id.update({str(r["id"]): r for r in PartialResults(p).load()})
-        else:
-            by_id = {str(r["id"]): r for r in results}
+        by_id = finished()
         records = [by_id[i] for i in ids if i in by_id]
-        if len(records) != len(items):
+        if len(records) != len(ids):
             missing = [i for i in ids if i not in by_id][:5]
-            raise RuntimeError(f"{len(items) - len(records)} items have no output (e.g. {missing}); rerun to resume")
+            raise RuntimeError(f"{len(ids) - len(records)} items have no output (e.g. {missing}); rerun to resume")
         man = manifest(recipe, model, records, started)
         if recipe.output:
             paths = output_paths(recipe.output)

@@ -90,7 +90,9 @@ def test_eval_alpaca_end_to_end_with_a_fake_judge(tmp_path, fake_judge):
     assert summary["win_rate"] == pytest.approx(60.0, abs=1e-6)  # 3 longer outputs of 5
     # the standard error of the mean of the per-pair wins [1, 1, 1, 0, 0] (sample std, ddof 1), in percent
     assert summary["standard_error"] == pytest.approx(100 * (0.3 / 5) ** 0.5, rel=1e-6)
-    assert summary["length_controlled_winrate"] is None and "805" in summary["lc_note"]
+    # 5 pairs: too few for the length-controlled GLM, said in one line
+    assert summary["length_controlled_winrate"] is None and "at least 10 judged pairs, got 5" in summary["lc_note"]
+    assert summary["n"] == 5 and summary["lc_win_rate"] is None
     assert summary["annotator"] == "weighted_alpaca_eval_gpt4_turbo"
     assert "win rate 60.00" in res.stdout
     cache = json.loads((tmp_path / "mine.json.alpaca_eval" / "annotations_cache.json").read_text())

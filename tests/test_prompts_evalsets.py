@@ -111,10 +111,11 @@ def test_gsm8k_fixture():
     assert items[0]["answer"].endswith("#### 12")
 
 
-def test_wiki_fixture():
-    items = load_eval_set("wiki", FIX / "wiki.jsonl")
+def test_wikitext_fixture():
+    items = load_eval_set("wikitext", FIX / "wikitext.jsonl")
     # 10 rows: blanks, headings and a short line are skipped; ids are source rows
-    assert [i["id"] for i in items] == ["wiki-3", "wiki-5", "wiki-7", "wiki-8", "wiki-9"]
+    assert [i["id"] for i in items] == ["wikitext-3", "wikitext-5", "wikitext-7", "wikitext-8", "wikitext-9"]
+    assert {i["eval_set"] for i in items} == {"wikitext"}
     first = items[0]
     assert first["instruction"].split() == first["instruction"].split(" ") and len(first["instruction"].split()) == 32
     assert first["instruction"].startswith("The Lantern Valley Railway was a narrow gauge line")
@@ -129,6 +130,73 @@ def test_arena_hard_both_schemas():
     assert items[0]["question_id"] == "a1f0c2d3e4b5" and items[0]["category"] == "arena-hard-v0.1"
     assert items[0]["instruction"].startswith("Write a spreadsheet formula")
     assert items[2]["instruction"].startswith("Explain the difference") and items[2]["category"] == "hard_prompt"
+    assert items[0]["cluster"] == "Spreadsheet Formulas" and items[2]["subcategory"] == "coding"
+
+
+def test_paper_wiki_shipped_set():
+    """The paper's Wiki set ships in the package: 504 Mintaka entities, 8 categories x 63, the exact prompt."""
+    import collections
+
+    items = load_eval_set("wiki")
+    assert len(items) == 504 and len({i["id"] for i in items}) == 504
+    assert collections.Counter(i["category"] for i in items) == {c: 63 for c in (
+        "history", "music", "sports", "movies", "books", "geography", "politics", "videogames")}
+    first = items[0]
+    assert first["id"] == "fae46b21" and first["entity"] == "Mark Twain" and first["category"] == "history"
+    # two backticks, the entity, two apostrophes, a full stop
+    assert first["instruction"] == "Please give me an explanation about " + "`" * 2 + "Mark Twain" + "'" * 2 + "."
+    assert first["dataset"] == first["eval_set"] == "wiki"
+    assert all(i["instruction"] == f"Please give me an explanation about ``{i['entity']}''." for i in items)
+    assert [i["id"] for i in load_eval_set("wiki", limit=3)] == [i["id"] for i in items[:3]]
+
+
+def test_paper_wiki_local_file_and_old_wikitext_file():
+    items = load_eval_set("wiki", FIX / "wiki_entities.json")
+    rows = json.loads((FIX / "wiki_entities.json").read_text())
+    assert [i["id"] for i in items] == [r["id"] for r in rows]
+    assert items[2]["instruction"] == "Please give me an explanation about ``Shaquille O'Neal''."
+    assert [i["category"] for i in items] == ["history", "music", "sports", "videogames"]
+    # a WikiText file under the old name: one line naming the new one
+    with pytest.raises(ConfigError, match="wikitext") as e:
+        load_eval_set("wiki", FIX / "wikitext.jsonl")
+    assert "\n" not in str(e.value)
+
+
+def test_mt_bench_both_schemas(tmp_path):
+    fastchat = load_eval_set("mt_bench", FIX / "mt_bench_question.jsonl")
+    assert [i["id"] for i in fastchat] == ["81", "91", "111", "121"]
+    assert [i["category"] for i in fastchat] == ["writing", "roleplay", "math", "coding"]
+    first = fastchat[0]
+    assert first["question_id"] == "81" and first["turn"] == 1 and first["eval_set"] == first["dataset"] == "mt_bench"
+    assert first["instruction"].startswith("Write a short blog post") and len(first["turns"]) == 2
+    assert "reference_answers" not in first and fastchat[2]["reference_answers"][0].endswith("area is 32.")
+    hub = load_eval_set("mt_bench", FIX / "mt_bench_prompts.jsonl")
+    assert [i["id"] for i in hub] == ["30442153", "81720359", "5093861"]
+    assert hub[0]["instruction"] == first["instruction"] and hub[0]["turns"] == first["turns"]
+    assert [i["category"] for i in hub] == ["writing", "math", "stem"] and "reference_answers" not in hub[0]
+    # the Hub file is parquet: the same rows read from parquet
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (FIX / "mt_bench_prompts.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    assert load_eval_set("mt_bench", tmp_path / "train.parquet") == hub
+    with pytest.raises(ConfigError, match="mt_bench schema"):
+        load_eval_set("mt_bench", FIX / "gsm8k.jsonl")
+
+
+def test_mt_bench_second_turn_item():
+    from difflm.data.evalsets import second_turn_item
+
+    first = load_eval_set("mt_bench", FIX / "mt_bench_question.jsonl")[2]
+    second = second_turn_item(first, "The area is 32.")
+    assert second["id"] == "111-turn2" and second["turn"] == 2 and second["question_id"] == "111"
+    assert second["instruction"] == first["turns"][1] and second["category"] == "math"
+    assert second["messages"] == [{"role": "user", "content": first["turns"][0]},
+                                  {"role": "assistant", "content": "The area is 32."},
+                                  {"role": "user", "content": first["turns"][1]}]
+    with pytest.raises(ConfigError, match="no second turn"):
+        second_turn_item(dict(first, turns=first["turns"][:1]), "x")
 
 
 def test_data_path_json_list_and_parquet(tmp_path):
@@ -145,18 +213,18 @@ def test_data_path_json_list_and_parquet(tmp_path):
 def test_limit_and_bad_names(tmp_path):
     items = load_eval_set("gsm8k", FIX / "gsm8k.jsonl", limit=3)
     assert [i["id"] for i in items] == ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
-    assert len(load_eval_set("wiki", FIX / "wiki.jsonl", limit=2)) == 2
+    assert len(load_eval_set("wikitext", FIX / "wikitext.jsonl", limit=2)) == 2
     assert len(load_eval_set("arena_hard", FIX / "arena_hard.jsonl", limit=100)) == 3
     for bad in (0, -1):
         with pytest.raises(ConfigError, match="limit"):
             load_eval_set("gsm8k", FIX / "gsm8k.jsonl", limit=bad)
-    with pytest.raises(ConfigError, match="alpaca_eval, gsm8k, wiki, arena_hard"):
+    with pytest.raises(ConfigError, match="alpaca_eval, gsm8k, mt_bench, wiki, wikitext, arena_hard"):
         load_eval_set("mmlu", FIX / "gsm8k.jsonl")
-    assert EVAL_SETS == ("alpaca_eval", "gsm8k", "wiki", "arena_hard")
+    assert EVAL_SETS == ("alpaca_eval", "gsm8k", "mt_bench", "wiki", "wikitext", "arena_hard")
     with pytest.raises(ConfigError, match="no such file"):
         load_eval_set("gsm8k", tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError, match="gsm8k schema"):  # wrong file for the set
-        load_eval_set("gsm8k", FIX / "wiki.jsonl")
+        load_eval_set("gsm8k", FIX / "wikitext.jsonl")
 
 
 def test_hub_offline_is_an_immediate_config_error(tmp_path):

@@ -12,12 +12,19 @@ Paper setting (Seo et al. 2025): the reference is an AR model of the same size, 
 decoded with nucleus sampling p = 0.95; the annotator is GPT-4-turbo (AlpacaEval 2.0's default,
 ``weighted_alpaca_eval_gpt4_turbo``), and the headline number is the length-controlled (LC) win rate.
 
+Any set: the outputs of ``--eval-set mt_bench|wiki|arena_hard|alpaca_eval|...`` (or any instruction file)
+are judged against a reference file of the same instructions.
+
 Reported: win rate and its standard error (alpaca_eval's ``get_winrate``: the mean preference for the
-model, draws counting one half, in %), and the LC win rate with its standard error
-(``get_length_controlled_winrate``). The LC win rate is only computed for the full 805-instruction
-AlpacaEval set (its GLM uses each instruction's difficulty, by position in that set) and needs
-``df_gamed.csv`` from the Hub dataset ``tatsu-lab/alpaca_eval`` (network, or a cached copy); otherwise
-it is reported as null with the reason.
+model, draws counting one half, in %), the LC win rate with its standard error on every set
+(`difflm.eval.lc`: alpaca_eval's ``length_controlled_v1`` on the full 805-instruction AlpacaEval set when
+its Hub file is at hand, else its ``length_controlled_minimal`` GLM, computed offline), n, and the same per
+set, per category and per MT-Bench turn (``by_eval_set``, ``by_category``, ``by_turn``).
+
+The judge: any OpenAI-compatible endpoint and model (`difflm.eval.judge`), with the annotator's own prompt
+and parser. Annotations are cached after every chunk of `chunk_size` pairs: a judge that stops answering
+(refused, timed out) ends the run with one line naming its URL, and a rerun asks only for the pairs not yet
+in the cache.
 
 Network and keys: the judge calls an API. The key its backend needs is checked before anything is
 loaded: OpenAI annotators need ``OPENAI_API_KEY`` (or ``OPENAI_API_KEYS``, or an
@@ -32,16 +39,22 @@ Files: alpaca_eval's own outputs (annotations.json, leaderboard.csv) and the jud
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from difflm.errors import ConfigError, error_summary
+from difflm.errors import ConfigError, DifflmError, error_summary
+from difflm.eval.judge import JudgeEndpoint
 
 __all__ = [
     "ALPACA_EVAL_SIZE",
     "DEFAULT_ANNOTATOR",
+    "DEFAULT_CHUNK_SIZE",
+    "JudgeError",
+    "JudgeEndpoint",
     "annotator_backends",
     "check_judge_key",
     "evaluate_files",
@@ -50,6 +63,16 @@ __all__ = [
 
 DEFAULT_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 ALPACA_EVAL_SIZE = 805
+#: pairs judged between two writes of the annotation cache (at most this many answers are asked again after a
+#: judge failure; alpaca_eval's default, 128, would lose up to 127)
+DEFAULT_CHUNK_SIZE = 16
+#: the columns of an outputs file handed to alpaca_eval (the rest, e.g. MT-Bench's list-valued `turns`, stays
+#: out of its merge, which cannot hash lists); categories etc. are read from the records by difflm
+_JUDGE_COLUMNS = ("instruction", "output", "generator")
+
+
+class JudgeError(DifflmError):
+    """The judge did not answer (refused, timed out, an HTTP error): one line, naming its URL."""
 
 #: fn_completions backend -> (environment variables, any of which suffices; who it calls)
 _BACKEND_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -153,33 +176,38 @@ def load_outputs(path: str | os.PathLike):
     return df
 
 
-def _lc_metrics(annotations, n_total: int, full_set: bool) -> dict[str, Any]:
-    from alpaca_eval import metrics
+def _labels(df) -> dict[str, dict[str, Any]]:
+    """instruction -> the record's eval_set / category / turn (the first record with that instruction).
+    Records of the WikiText task written before it was renamed say ``eval_set: wiki`` without the paper's
+    ``entity``: they are labelled ``wikitext``."""
+    out: dict[str, dict[str, Any]] = {}
+    cols = [c for c in ("eval_set", "dataset", "category", "turn", "entity") if c in df.columns]
+    for rec in df[["instruction", *cols]].to_dict("records"):
+        rec = {k: _jsonable(v) for k, v in rec.items()}
+        if rec.get("eval_set") == "wiki" and not rec.get("entity"):
+            rec["eval_set"] = "wikitext"
+        out.setdefault(rec["instruction"], rec)
+    return out
 
-    if not full_set:
-        return {
-            "length_controlled_winrate": None,
-            "lc_standard_error": None,
-            "lc_note": f"LC win rate needs the full {ALPACA_EVAL_SIZE}-instruction AlpacaEval set in order "
-            f"(got {n_total} pairs)",
-        }
+
+@contextlib.contextmanager
+def _alpaca_eval_logs():
+    """Keep alpaca_eval's root-logger messages (INFO chatter; on a judge error, a full traceback from its
+    ``logging.exception``) off the terminal while it runs: they go to a handler here and are dropped."""
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    root.addHandler(handler)  # root has a handler: Python's last-resort stderr printer stays unused
     try:
-        m = metrics.get_length_controlled_winrate(annotations, save_weights_dir=None)
-    except Exception as e:  # noqa: BLE001 - offline (df_gamed.csv from the Hub) or a GLM failure
-        return {
-            "length_controlled_winrate": None,
-            "lc_standard_error": None,
-            "lc_note": f"LC win rate failed: {error_summary(e)}"[:300],
-        }
-    return {
-        "length_controlled_winrate": float(m["length_controlled_winrate"]),
-        "lc_standard_error": float(m["lc_standard_error"]),
-        "lc_note": None,
-    }
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 def _annotator_class():
-    """alpaca_eval's `PairwiseAnnotator`, reading its annotation cache with a float preference column.
+    """alpaca_eval's `PairwiseAnnotator`, reading its annotation cache with a float preference column and
+    without the pairs cached as missing (see below).
 
     Why: the cache is a JSON file that alpaca_eval reads back with `pd.read_json`, which turns a column of
     whole numbers (preferences 1.0 / 2.0, as a discrete judge or clear logprobs give) into int64. Its
@@ -198,7 +226,11 @@ def _annotator_class():
             df = self.df_annotations
             key = self.annotation_key
             if df is not None and key in df.columns and pd.api.types.is_integer_dtype(df[key]):
-                self.df_annotations = df.astype({key: "float64"})
+                df = self.df_annotations = df.astype({key: "float64"})
+            if df is not None and key in df.columns:
+                # pairs whose judge answer could not be parsed are cached as "missing" (-1 / null), and
+                # alpaca_eval would never ask again, even a fixed server: dropped here, so a rerun asks for them
+                self.df_annotations = df[df[key].notna() & (df[key] != self.TMP_MISSING_ANNOTATION)]
 
     return _CachedFloatPreferenceAnnotator
 
@@ -224,21 +256,33 @@ def evaluate_files(
     max_instances: int | None = None,
     results: str | os.PathLike | None = None,
     annotator_kwargs: dict[str, Any] | None = None,
+    judge: JudgeEndpoint | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run alpaca_eval on model outputs vs reference outputs; write and return the summary.
 
-    The judge key is checked first (ConfigError naming the variable). Returns {task, outputs, reference,
-    manifest, annotator, win_rate, standard_error, length_controlled_winrate, lc_standard_error, lc_note,
-    n_total, n_wins, n_wins_base, n_draws, avg_length, output_dir, settings}.
+    `judge`: where the judge is (`difflm.eval.judge.JudgeEndpoint`; default: the annotator's own API and model).
+    The judge settings and key are checked first (ConfigError, one line). A judge that stops answering raises
+    `JudgeError` (one line naming its URL); the pairs judged before stay in the cache. Returns {task, outputs,
+    reference, manifest, annotator, judge, win_rate, standard_error, length_controlled_winrate (= lc_win_rate),
+    lc_standard_error, lc_method, lc_note, n (= n_total), n_wins, n_wins_base, n_draws, avg_length, by_eval_set,
+    by_category, by_turn, output_dir, settings}.
     """
     from difflm.eval.runs import load_run, results_path
     from difflm.io import atomic_write_json
 
-    check_judge_key(annotator)
+    judge = judge or JudgeEndpoint()
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"must be a whole number >= 1, got {chunk_size!r}", key="chunk_size")
+    if judge.custom:
+        judge.check(annotator_backends(annotator), str(annotator))
+    else:
+        check_judge_key(annotator)
     run = load_run(outputs)  # our own checks (records, manifest) before alpaca_eval's
-    model_df = load_outputs(outputs)
-    ref_df = load_outputs(reference)
+    model_full = load_outputs(outputs)
+    ref_df = load_outputs(reference)[list(_JUDGE_COLUMNS)]
+    model_df = model_full[list(_JUDGE_COLUMNS)]
     common = set(model_df["instruction"]) & set(ref_df["instruction"])
     if not common:
         raise ConfigError(f"{outputs} and {reference} share no instruction; were they generated on the same set?")
@@ -247,11 +291,35 @@ def evaluate_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     n_pairs = min(len(common), max_instances or len(common))
     full_set = n_pairs == ALPACA_EVAL_SIZE and len(model_df) == ALPACA_EVAL_SIZE
+    config = annotator_config_path(annotator)
+    annotation_kwargs: dict[str, Any] = {"chunksize": chunk_size}
+    judge_name = None
+    if judge.custom:
+        config, judge_name = judge.annotator_config(config, out_dir)
+        annotation_kwargs["client_config_path"] = str(judge.write_client_config(out_dir / "judge_client.yaml"))
     if on_progress:
-        on_progress(f"judging {n_pairs} pairs with {annotator}")
-    name, row = _judge(
-        alpaca_eval, model_df, ref_df, annotator, out_dir, max_instances, full_set, dict(annotator_kwargs or {})
-    )
+        on_progress(f"judging {n_pairs} pairs with {judge_name or annotator}"
+                    + (f" at {judge.base_url}" if judge.base_url else ""))
+    cache = out_dir / "annotations_cache.json"
+    try:
+        name, row, annotations = _judge(alpaca_eval, model_df, ref_df, config, out_dir, max_instances, full_set,
+                                        dict(annotator_kwargs or {}), annotation_kwargs)
+    except Exception as e:
+        import openai
+
+        if isinstance(e, openai.OpenAIError):
+            raise JudgeError(
+                f"the judge at {judge.where} did not answer ({error_summary(e)[:160]}); {_cached_pairs(cache)} judged "
+                f"pairs are kept in {cache}: rerun to judge the rest"
+            ) from None
+        if not judge.custom or isinstance(e, DifflmError):
+            raise
+        # the server answered, but not in the form the annotator parses (typically: no logprobs)
+        raise JudgeError(
+            f"the annotator {annotator} could not read the answers of the judge at {judge.where} "
+            f"({error_summary(e)[:120]}){_parser_hint(config)}; {_cached_pairs(cache)} judged pairs are kept in {cache}"
+        ) from None
+    groups = _groups(annotations, _labels(model_full))
     ref_manifest = Path(str(reference) + ".manifest.json")
     summary = {
         "task": "alpaca",
@@ -261,8 +329,13 @@ def evaluate_files(
         "outputs_sha256": run.digest,
         "reference_manifest": str(ref_manifest) if ref_manifest.is_file() else None,
         "annotator": str(annotator),
+        "judge": {"annotator": judge_name or str(annotator), "model": judge.model, "base_url": judge.base_url,
+                  "api_key_env": judge.api_key_env if judge.custom else None},
         "generator": name,
         **{k: row.get(k) for k in _LEADERBOARD_KEYS},
+        "lc_win_rate": row.get("length_controlled_winrate"),
+        "n": row.get("n_total"),
+        **groups,
         "output_dir": str(out_dir),
         "settings": run.settings(),
     }
@@ -274,37 +347,74 @@ def evaluate_files(
 
 # The leaderboard columns the summary keeps (in this order).
 _LEADERBOARD_KEYS = (
-    "win_rate", "standard_error", "length_controlled_winrate", "lc_standard_error", "lc_note",
+    "win_rate", "standard_error", "length_controlled_winrate", "lc_standard_error", "lc_method", "lc_note",
     "discrete_win_rate", "n_total", "n_wins", "n_wins_base", "n_draws", "avg_length",
 )
 
 
-def _judge(alpaca_eval, model_df, ref_df, annotator: str, out_dir: Path, max_instances: int | None,
-           full_set: bool, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _parser_hint(config: Path) -> str:
+    """What the annotator asks of the judge's answers (for an error message)."""
+    import yaml
+
+    try:
+        (sub,) = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).values()
+        wants_logprobs = bool((sub.get("completions_kwargs") or {}).get("logprobs"))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ""
+    return "; it reads the logprobs of the answer tokens: does the server return logprobs" if wants_logprobs else ""
+
+
+def _cached_pairs(cache: Path) -> int:
+    """Pairs in the annotation cache with a preference (alpaca_eval also stores failed ones, as null)."""
+    try:
+        return sum(a.get("preference") not in (None, -1) for a in json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _groups(annotations, labels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """by_eval_set / by_category / by_turn (each {} when the records do not say)."""
+    from difflm.eval.lc import group_winrates
+
+    with _alpaca_eval_logs():
+        g = group_winrates(annotations, labels, keys=("eval_set", "category", "turn"))
+    return {"by_eval_set": g.get("eval_set", {}), "by_category": g.get("category", {}), "by_turn": g.get("turn", {})}
+
+
+def _judge(alpaca_eval, model_df, ref_df, config: Path, out_dir: Path, max_instances: int | None,
+           full_set: bool, kwargs: dict[str, Any], annotation_kwargs: dict[str, Any]):
     """Run `alpaca_eval.evaluate` (annotations cached in `out_dir`); return (generator name, its leaderboard
-    row as JSON-able values), the row's metrics being alpaca_eval's win rate plus our length-controlled one."""
+    row as JSON-able values, the annotations), the row's metrics being alpaca_eval's win rate plus our
+    length-controlled one (`difflm.eval.lc`)."""
+    from difflm.eval.lc import length_controlled
+
+    seen: dict[str, Any] = {}
 
     def fn_metric(annotations) -> dict[str, Any]:
-        from alpaca_eval import metrics
+        from alpaca_eval import metrics, utils
 
-        m = dict(metrics.get_winrate(annotations))
-        m.update(_lc_metrics(annotations, len(annotations), full_set))
+        df = utils.convert_to_dataframe(annotations)
+        seen["annotations"] = df.copy()
+        m = dict(metrics.get_winrate(df))
+        m.update(length_controlled(df, full_set))
         return m
 
     kwargs.setdefault("caching_path", str(out_dir / "annotations_cache.json"))
     kwargs.setdefault("Annotator", _annotator_class())  # reruns over the cache (see _annotator_class)
-    leaderboard, _ = alpaca_eval.evaluate(
-        model_outputs=model_df,
-        reference_outputs=ref_df,
-        annotators_config=str(annotator_config_path(annotator)) if Path(annotator).exists() else annotator,
-        output_path=out_dir,
-        precomputed_leaderboard=None,
-        is_return_instead_of_print=True,
-        fn_metric=fn_metric,
-        sort_by="win_rate",
-        max_instances=max_instances,
-        is_cache_leaderboard=False,
-        **kwargs,
-    )
+    with _alpaca_eval_logs():
+        leaderboard, _ = alpaca_eval.evaluate(
+            model_outputs=model_df,
+            reference_outputs=ref_df,
+            annotators_config=str(config),
+            output_path=out_dir,
+            precomputed_leaderboard=None,
+            is_return_instead_of_print=True,
+            fn_metric=fn_metric,
+            sort_by="win_rate",
+            max_instances=max_instances,
+            is_cache_leaderboard=False,
+            annotation_kwargs=annotation_kwargs,
+            **kwargs,
+        )
     name = alpaca_eval.utils.get_generator_name(None, model_df)
-    return name, {k: _jsonable(v) for k, v in leaderboard.loc[name].to_dict().items()}
+    return name, {k: _jsonable(v) for k, v in leaderboard.loc[name].to_dict().items()}, seen["annotations"]
