@@ -269,7 +269,8 @@ def test_denoise_event_stream(solo, model):
             seen.append(pos)
             canvas[pos] = tid
         assert ev["masked"] == canvas.count(None)
-    assert [ev["step"] for ev in events] == sorted(ev["step"] for ev in events) and len(events) == steps
+    assert [ev["step"] for ev in events] == sorted(ev["step"] for ev in events)
+    assert len([ev for ev in events if not ev["fill"]]) == steps  # fill: generate's last pass, no step of its own
     assert sorted(seen) == list(range(L))  # every position once: the union is the answer, nothing twice
     assert done is not None and done["nfe"] == steps and done["token_ids"] == canvas
     text = plain.choices[0].text
@@ -313,10 +314,13 @@ def alone(model, i: int, cfg: DecodeConfig = DEFAULTS) -> str:
     import torch
 
     from difflm.data.prompts import encode_text, format_prompt
-    from difflm.generation import content_length
+    from difflm.generation import content_length, prompt_id
+    from difflm.seeding import item_seed
 
     ids = encode_text(model.tokenizer, format_prompt(prompt(i), None, "raw"))
-    out = generate(model, torch.tensor([ids]), dataclasses.replace(cfg, seed=1000 + i))
+    # choice 0 is seeded as `difflm generate` seeds its first --prompt (the seeding rule of the serve README)
+    out = generate(model, torch.tensor([ids]), dataclasses.replace(cfg, seed=1000 + i),
+                   row_seeds=[item_seed(1000 + i, prompt_id(0))])
     gen = out.sequences[0, out.prompt_length :].tolist()
     return model.tokenizer.decode(gen[: content_length(gen, set(model.ids.stop_ids))], skip_special_tokens=True)
 

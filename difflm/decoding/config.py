@@ -44,7 +44,8 @@ class DecodeConfig:
     #: default block_length, else gen_length/4 (`difflm.decoding.conv.effective_kernel_size`)
     kernel_size: int | None = field(default=None, metadata={"help": "Conv window K (even: K+1).", "min": 1})
     top_k: int | None = field(default=None, metadata={"help": "Keep the k best tokens.", "min": 1})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus p (nucleus).", "min": 0.0, "max": 1.0})
+    #: default 0.95 for the methods that read it (`effective_top_p`); the others take only 1 (refused, not ignored)
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus p (nucleus; default 0.95).", "min": 0.0, "max": 1.0})
     #: default 1 for the mass methods, 0 for the confidence ones (`effective_temperature`)
     temperature: float | None = field(default=None, metadata={"help": "0 = argmax token.", "min": 0.0})
     remasking: str = field(
@@ -120,6 +121,12 @@ class DecodeConfig:
                     f"cfg_scale applies to the diffusion methods, not {m} (allowed for {m}: 0, off), got {self.cfg_scale}",
                     key="cfg_scale",
                 )
+        if self.top_p is not None and self.top_p != 1.0 and not REGISTRY[m].top_p:
+            raise ConfigError(
+                f"top_p applies to {', '.join(names(top_p=True))}, not {m}, which does not filter by it "
+                f"(allowed for {m}: 1 or unset), got {self.top_p}",
+                key="top_p",
+            )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
         if self.cache is not None:
@@ -139,6 +146,11 @@ class DecodeConfig:
         if self.temperature is not None:
             return float(self.temperature)
         return 0.0 if self.method in CONFIDENCE_METHODS else 1.0
+
+    def effective_top_p(self) -> float:
+        if self.top_p is not None:
+            return float(self.top_p)
+        return 0.95 if REGISTRY[self.method].top_p else 1.0
 
     def effective_block_length(self) -> int:
         return self.block_length or self.gen_length
