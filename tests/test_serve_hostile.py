@@ -122,6 +122,23 @@ def test_hostile_body_is_a_one_line_400(srv, name, path, body, param):
     error_of(post(url, path, body), 400, param)
 
 
+def test_a_body_as_deep_as_the_parser_takes_is_served(srv):
+    """Nesting the JSON parser still takes (in an ignored field): the checks after parsing must not recurse."""
+    url, _ = srv
+    deep = next(d for d in range(2000, 0, -10) if _parses(b"[" * d + b"]" * d))
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * deep + b"]" * deep + b"}"
+    r = post(url, CHAT, body)
+    assert r.status_code == 200, r.text[:300]
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except RecursionError:
+        return False
+
+
 def test_limits_hold_at_their_edge(srv):
     """Right at the caps the requests are served: steps = 4 x max_tokens, max_completion_tokens 4, top_p 1."""
     url, _ = srv

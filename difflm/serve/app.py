@@ -141,7 +141,9 @@ def _config(model, settings: ServeSettings) -> dict:
     return {
         "model": settings.model_id, "decode": to_dict(settings.decode), "methods": [m for m in METHODS if fits(m)],
         "prompt_format": settings.prompt_format,
-        "limits": {"max_tokens": settings.limits.tokens(model), "n": settings.limits.n},
+        "limits": {"max_tokens": settings.limits.tokens(model), "n": settings.limits.n,
+                   "steps_per_token": settings.limits.steps_per_token, "prompts": settings.limits.prompts,
+                   "stop": settings.limits.stop, "body_bytes": settings.limits.body_bytes},
         "mask_token": tok.convert_ids_to_tokens(ids.mask_id) if tok is not None and ids.mask_id is not None else None,
         "stop_token_ids": list(ids.stop_ids), "context": getattr(model, "max_length", None),
         "api_key_required": settings.api_key is not None,

@@ -242,15 +242,17 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
 
 
 def _walk(v: Any, path: str):
-    """(path, value) of every scalar in a parsed JSON value, paths as `messages[0].content`."""
-    if isinstance(v, dict):
-        for k, x in v.items():
-            yield from _walk(x, f"{path}.{k}" if path else str(k))
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            yield from _walk(x, f"{path}[{i}]")
-    else:
-        yield path, v
+    """(path, value) of every scalar in a parsed JSON value, paths as `messages[0].content` (a loop, not a
+    recursion: a body nested as deep as the JSON parser allows must not overflow the stack here)."""
+    todo = [(path, v)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+        else:
+            yield path, v
 
 
 def _check_finite(body: dict) -> None:
