@@ -123,8 +123,8 @@ class DecodeConfig:
                 )
         if self.top_p is not None and self.top_p != 1.0 and not REGISTRY[m].top_p:
             raise ConfigError(
-                f"top_p applies to {', '.join(names(top_p=True))}, not {m}, which does not filter by it "
-                f"(allowed for {m}: 1 or unset), got {self.top_p}",
+                f"applies to {', '.join(names(top_p=True))} only; {m} draws from every token, so it takes "
+                f"1 or unset, got {self.top_p}",
                 key="top_p",
             )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
