@@ -37,6 +37,13 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
 	      || echo "chromium could not be installed: the browser test will skip"; \
 	  else echo "no chromium and not root: the browser test will skip (apt-get install chromium)"; fi; }
+	@# tmux, the same way, for the terminal tests of `difflm chat` (tests/test_chat.py: live canvas, Ctrl-C)
+	@command -v tmux >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's tmux for the terminal tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null \
+	      || echo "tmux could not be installed: the terminal tests will skip"; \
+	  else echo "no tmux and not root: the terminal tests will skip (apt-get install tmux)"; fi; }
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -112,6 +112,11 @@ def run_command(fn: Callable[[], T], debug: bool = False) -> T:
     except KeyboardInterrupt:
         error_line("interrupted; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except ModuleNotFoundError as e:  # an optional dependency: one line naming the pip command
+        if debug:
+            _print_traceback()
+        error_line(missing_module_message(e))
+        raise typer.Exit(EXIT_FAILURE) from None
     except Exception as e:  # noqa: BLE001 (the CLI's last line of defence)
         if debug:
             _print_traceback()
@@ -119,6 +124,21 @@ def run_command(fn: Callable[[], T], debug: bool = False) -> T:
         else:
             error_line(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
         raise typer.Exit(EXIT_FAILURE) from None
+
+
+#: top-level module -> the extra of setup.cfg that installs it
+OPTIONAL_MODULES = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "h11": "serve", "openai": "serve",
+                    "httpx2": "serve", "alpaca_eval": "eval", "lm_eval": "eval", "matplotlib": "eval",
+                    "gguf": "smollm2", "playwright": "test"}
+
+
+def missing_module_message(e: ModuleNotFoundError) -> str:
+    """One line for a missing module: the pip command of difflm's extra that brings it, if one does."""
+    name = (e.name or "").split(".")[0]
+    extra = OPTIONAL_MODULES.get(name)
+    if extra:
+        return f"this needs the optional dependency {name!r}: pip install 'difflm[{extra}]'"
+    return f"missing Python module {name or str(e)!r}: pip install {name or '...'} (rerun with --debug for the traceback)"
 
 
 def _print_traceback() -> None:

@@ -158,7 +158,7 @@ def generate(
                               panel=_I)
     ] = None,
     prompt_format: Annotated[
-        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
+        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat (template; alpaca if none)|raw", panel=_I)
     ] = None,
     # output
     output: Annotated[Optional[str], option("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,

@@ -34,6 +34,9 @@ def serve(
     max_tokens: Annotated[Optional[int], option("--max-tokens", help="Largest max_tokens (default: the context).", panel=_L)] = None,
     max_n: Annotated[int, option("--max-n", help="Largest n.", panel=_L)] = 8,
     max_body_kb: Annotated[int, option("--max-body-kb", help="Largest request body.", panel=_L)] = 1024,
+    max_steps_per_token: Annotated[int, option("--max-steps-per-token", help="Largest steps, per max_tokens token.", panel=_L)] = 4,
+    body_timeout: Annotated[float, option("--body-timeout", help="Seconds for a request's body to arrive (408 after).", panel=_L)] = 30.0,
+    header_timeout: Annotated[float, option("--header-timeout", help="Seconds for a request's headers to arrive (closed after).", panel=_L)] = 10.0,
     log_level: Annotated[str, option("--log-level", help="critical|error|warning|info|debug", panel=_S)] = "info",
     debug: Debug = False,
 ) -> None:
@@ -56,7 +59,8 @@ def serve(
 
         cfg = load_cli_recipe(GenerateRecipe, recipe, overrides, cli_values)
         settings = _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout,
-                             max_tokens, max_n, max_body_kb, log_level)
+                             max_tokens, max_n, max_body_kb, log_level, max_steps_per_token=max_steps_per_token,
+                             body_timeout=body_timeout, header_timeout=header_timeout)
         check_model_decoder(cfg)
         _check_port(host, port)
         err = err_console()
@@ -76,15 +80,17 @@ def serve(
 
 
 def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, max_queue, timeout, max_tokens, max_n,
-              max_body_kb, log_level):
+              max_body_kb, log_level, *, max_steps_per_token=4, body_timeout=30.0, header_timeout=10.0):
     from difflm.errors import ConfigError
     from difflm.serve.app import ServeSettings
     from difflm.serve.protocol import Limits
 
     checks = [("--max-batch", max_batch, 1), ("--max-queue", max_queue, 1), ("--max-n", max_n, 1),
-              ("--max-body-kb", max_body_kb, 1), ("--batch-window-ms", window_ms, 0), ("--timeout", timeout, 0.001)]
+              ("--max-body-kb", max_body_kb, 1), ("--batch-window-ms", window_ms, 0), ("--timeout", timeout, 0.001),
+              ("--max-steps-per-token", max_steps_per_token, 1), ("--body-timeout", body_timeout, 0.001),
+              ("--header-timeout", header_timeout, 0.001)]
     for name, value, lo in checks:
-        if value < lo:
+        if not value >= lo:  # NaN too
             raise ConfigError(f"must be >= {lo}, got {value}", key=name)
     if max_tokens is not None and max_tokens < 1:
         raise ConfigError(f"must be >= 1, got {max_tokens}", key="--max-tokens")
@@ -93,10 +99,10 @@ def _settings(cfg, api_key, served_name, prompt_format, max_batch, window_ms, ma
     if log_level not in levels:
         raise ConfigError(f"must be one of {', '.join(levels)}, got {log_level!r}", key="--log-level")
     check_api_key(api_key)
-    limits = Limits(max_tokens=max_tokens, n=max_n, body_bytes=max_body_kb * 1024)
+    limits = Limits(max_tokens=max_tokens, n=max_n, body_bytes=max_body_kb * 1024, steps_per_token=max_steps_per_token)
     return ServeSettings(decode=cfg.decode, model_id=served_name or cfg.model.name or "difflm", prompt_format=prompt_format,
                          api_key=api_key, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue, timeout_s=timeout,
-                         limits=limits)
+                         body_timeout_s=body_timeout, header_timeout_s=header_timeout, limits=limits)
 
 
 def check_api_key(api_key: str | None) -> None:
@@ -124,6 +130,7 @@ def _fit_limits(settings, model, cfg) -> None:
         raise ConfigError(f"the default gen_length {cfg.decode.gen_length} exceeds the max_tokens limit "
                           f"{settings.limits.tokens(model)} (--max-tokens, else the model's context)",
                           key="decode.gen_length")
+
 
 
 def _check_port(host: str, port: int) -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 from difflm.config import load_yaml, save_resolved, to_dict
 from difflm.data.evalsets import EVAL_SETS, load_eval_set, read_inputs, second_turn_item
-from difflm.data.prompts import PROMPT_FORMATS, conversation_ids, encode_prompt
+from difflm.data.prompts import PROMPT_FORMATS, chat_messages, conversation_ids, encode_prompt
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError
 from difflm.io import PartialResults, atomic_write_json, write_alpaca_eval_json
@@ -104,9 +104,15 @@ class Item:
     prompt_ids: list[int]
 
 
+def prompt_id(i: int) -> str:
+    """The item id of the i-th `--prompt` (its noise is seeded `item_seed(seed, prompt_id(i))`); `difflm serve`
+    seeds the i-th choice of a request the same way, so the two agree on the same prompt and seed."""
+    return f"prompt-{i}"
+
+
 def load_items(data: GenerateDataConfig) -> list[dict]:
     if data.prompts:
-        items = [{"id": f"prompt-{i}", "instruction": p, "dataset": "prompts"} for i, p in enumerate(data.prompts)]
+        items = [{"id": prompt_id(i), "instruction": p, "dataset": "prompts"} for i, p in enumerate(data.prompts)]
         return items[: data.limit] if data.limit else items
     if data.input:
         return read_inputs(data.input, limit=data.limit)
@@ -168,8 +174,10 @@ def iter_batches(
     for i, it in enumerate(items):
         if it.get("messages"):  # a later turn: the conversation so far (mt_bench's second turn)
             ids = conversation_ids(model, it["messages"], prompt_format)
+        elif prompt_format == "chat":  # one rule with serve and chat: the template, alpaca where the model has none
+            ids = conversation_ids(model, chat_messages(it["instruction"], it.get("input")), "chat")
         else:
-            ids = encode_prompt(model, it["instruction"], it.get("input"), prompt_format, chat_ids_fn=model.chat_ids)
+            ids = encode_prompt(model, it["instruction"], it.get("input"), prompt_format)
         if not ids:
             raise ConfigError(f"item {it['id']}: the prompt is empty", key="data")
         encoded.append(Item(i, it, ids))

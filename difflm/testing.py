@@ -519,3 +519,26 @@ def app_in_thread(app, host: str = "127.0.0.1"):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextlib.contextmanager
+def server_in_thread(server, host: str = "127.0.0.1"):
+    """Run a `uvicorn.Server` (e.g. `difflm.serve.app.build_server(..., port=0)`: the OS picks a free port) in
+    a background thread; yields its base URL once it accepts connections, and shuts it down on exit."""
+    import threading
+    import time
+
+    server.install_signal_handlers = lambda: None  # not the main thread
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)

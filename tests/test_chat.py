@@ -133,14 +133,32 @@ def test_a_cancelled_answer_leaves_the_history_and_the_engine_usable(tiny):
     from difflm.serve.chat import Cancelled
 
     session = _local(tiny, gen_length=64, steps=64)
-    stop, seen = threading.Event(), []
+    stop, seen, cancelled, forwards = threading.Event(), [], threading.Event(), []
 
     def on_event(ev):
         seen.append(ev)
         stop.set()
 
-    with pytest.raises(Cancelled):
-        session.ask(Q1, on_event, stop)
+    def on_forward(*_):  # from the second step on, the model waits until the answer was cancelled (bounded)
+        forwards.append(1)
+        if len(forwards) == 2:
+            assert cancelled.wait(60)
+
+    handle = tiny.module.register_forward_hook(on_forward)
+    try:
+        with pytest.raises(Cancelled):
+            session.ask(Q1, on_event, stop)
+        cancelled.set()
+        engine = session.backend.engine
+        for _ in range(600):  # bounded: until the engine has let the row go
+            if engine.stats().running_rows == 0 and engine.stats().queued_rows == 0:
+                break
+            time.sleep(0.05)
+        assert engine.stats().running_rows == 0 and engine.stats().queued_rows == 0
+        n = len(forwards)
+    finally:
+        handle.remove()
+    assert n < 8, n  # the row stopped at its next step (not the 64 steps; 8 is plenty for a step in flight)
     assert seen and session.messages == []
     assert session.ask(Q1).text == _local(tiny, gen_length=64, steps=64).ask(Q1).text
 
@@ -148,11 +166,14 @@ def test_a_cancelled_answer_leaves_the_history_and_the_engine_usable(tiny):
 # -- against a running server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny):
-    from difflm.serve.app import ServeSettings, create_app
-    from difflm.testing import app_in_thread
+    from difflm.serve.app import ServeSettings, build_server
+    from difflm.serve.protocol import Limits
+    from difflm.testing import server_in_thread
 
-    settings = ServeSettings(decode=DecodeConfig(gen_length=32, steps=8), model_id="tiny-math", api_key="sekret")
-    with app_in_thread(create_app(tiny, settings)) as url:
+    # steps_per_token: the terminal test's long decode (--steps 20000 for 64 tokens) is over the default cap of 4
+    settings = ServeSettings(decode=DecodeConfig(gen_length=32, steps=8), model_id="tiny-math", api_key="sekret",
+                             limits=Limits(steps_per_token=1000))
+    with server_in_thread(build_server(tiny, settings, port=0, log_level="warning")) as url:
         yield url
 
 

@@ -32,9 +32,9 @@ psutil = pytest.importorskip("psutil")
 
 from difflm.decoding import generate  # noqa: E402
 from difflm.decoding.config import DecodeConfig  # noqa: E402
-from difflm.serve.app import ServeSettings, create_app  # noqa: E402
+from difflm.serve.app import ServeSettings, build_server  # noqa: E402
 from difflm.serve.protocol import Limits  # noqa: E402
-from difflm.testing import app_in_thread, free_port  # noqa: E402
+from difflm.testing import free_port, server_in_thread  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 KEY = "sk-test-key"
@@ -57,10 +57,11 @@ def model():
 
 @contextlib.contextmanager
 def served(model, **settings):
+    """The server `difflm serve` runs (build_server: its HTTP protocol and shutdown) on a port the OS picks."""
     s = ServeSettings(decode=settings.pop("decode", DEFAULTS), **settings)
-    app = create_app(model, s)
-    with app_in_thread(app) as url:
-        yield url, app
+    server = build_server(model, s, port=0, log_level="warning")
+    with server_in_thread(server) as url:
+        yield url, server.config.app
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +270,8 @@ def test_denoise_event_stream(solo, model):
             seen.append(pos)
             canvas[pos] = tid
         assert ev["masked"] == canvas.count(None)
-    assert [ev["step"] for ev in events] == sorted(ev["step"] for ev in events) and len(events) == steps
+    assert [ev["step"] for ev in events] == sorted(ev["step"] for ev in events)
+    assert len([ev for ev in events if not ev["fill"]]) == steps  # fill: generate's last pass, no step of its own
     assert sorted(seen) == list(range(L))  # every position once: the union is the answer, nothing twice
     assert done is not None and done["nfe"] == steps and done["token_ids"] == canvas
     text = plain.choices[0].text
@@ -313,10 +315,13 @@ def alone(model, i: int, cfg: DecodeConfig = DEFAULTS) -> str:
     import torch
 
     from difflm.data.prompts import encode_text, format_prompt
-    from difflm.generation import content_length
+    from difflm.generation import content_length, prompt_id
+    from difflm.seeding import item_seed
 
     ids = encode_text(model.tokenizer, format_prompt(prompt(i), None, "raw"))
-    out = generate(model, torch.tensor([ids]), dataclasses.replace(cfg, seed=1000 + i))
+    # choice 0 is seeded as `difflm generate` seeds its first --prompt (the seeding rule of the serve README)
+    out = generate(model, torch.tensor([ids]), dataclasses.replace(cfg, seed=1000 + i),
+                   row_seeds=[item_seed(1000 + i, prompt_id(0))])
     gen = out.sequences[0, out.prompt_length :].tolist()
     return model.tokenizer.decode(gen[: content_length(gen, set(model.ids.stop_ids))], skip_special_tokens=True)
 
@@ -474,12 +479,18 @@ def test_slow_client_gets_408(guarded):
     assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"]
 
 
-def test_a_non_numeric_content_length_is_a_bad_request(guarded):
+@pytest.mark.parametrize("framing", [b"Content-Length: abc\r\n", b"Content-Length: -5\r\n",
+                                     b"Content-Length: 2\r\nContent-Length: 3\r\n", b"Transfer-Encoding: gzip\r\n"])
+def test_malformed_framing_is_refused_by_the_http_layer_and_the_server_serves_on(guarded, framing):
+    """Broken HTTP framing never reaches the app: h11 answers 400 itself (the app has no framing checks of its
+    own), and the next request on a new connection is served."""
     url, _ = guarded
     head = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-            "Content-Type: application/json\r\nContent-Length: abc\r\nConnection: close\r\n\r\n").encode()
+            "Content-Type: application/json\r\nConnection: close\r\n").encode() + framing + b"\r\n"
     status, body = _raw(url, head, b"{}")
-    assert status == 400, body  # uvicorn's h11 may refuse it itself (400 too); either way, not 413 or 500
+    assert status == 400, body
+    assert b'"error"' not in body  # h11's plain-text refusal, not an app answer: the app never saw it
+    assert health(url)["status"] == "ok"
 
 
 def test_disconnect_mid_stream_cancels_the_rows(guarded, model):
@@ -600,6 +611,7 @@ def test_timeout_gives_504_and_the_server_keeps_serving(model):
         assert stream.status_code == 200  # the stream had begun: the error is its last event before [DONE]
         events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
         assert events[-1]["error"]["message"] and stream.text.rstrip().endswith("data: [DONE]")
+        assert events[-1]["error"]["type"] == "timeout"  # as in a whole response
         r = post(url, CHAT, {"messages": MSG, "max_tokens": 8, "steps": 4})
         assert r.status_code == 200, r.text
         wait_idle(url)

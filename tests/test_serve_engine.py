@@ -73,6 +73,8 @@ def test_cancelled_row_stops_and_leaves_the_others_unchanged(model64, name):
 def test_engine_batches_and_each_answer_equals_it_alone(model64):
     """Three concurrent requests of two choices each, one settings key: one batch of 6 rows; every choice
     equals `generate` on that request alone (n copies of its prompt, its seed)."""
+    from difflm.generation import prompt_id
+    from difflm.seeding import item_seed
     from difflm.serve import Engine
 
     m = model64
@@ -90,7 +92,9 @@ def test_engine_batches_and_each_answer_equals_it_alone(model64):
         stats = engine.stats()
         assert stats.max_batch_seen == 6 and stats.batches == 1
         for i, p in enumerate(prompts):
-            alone = generate(m, torch.tensor([p, p]), cfgs[i])
+            # choice k is seeded as `difflm generate` seeds its k-th --prompt
+            seeds = [item_seed(cfgs[i].seed, prompt_id(k)) for k in range(2)]
+            alone = generate(m, torch.tensor([p, p]), cfgs[i], row_seeds=seeds)
             assert [r["token_ids"] for r in res[i]] == alone.sequences[:, alone.prompt_length :].tolist()
             assert res[i][0]["token_ids"] != res[i][1]["token_ids"]  # the two choices have their own seeds
             assert [r["seed"] for r in res[i]] == [cfgs[i].seed] * 2

@@ -171,6 +171,7 @@ def _check_done(server, panel, body):
     assert got["answer"].strip() and got["answer"] == want["text"], (got, want)
     assert None not in canvas and got["tokens"] == canvas, (got, canvas)
     assert int(got["figures"]["nfe"]) == want["nfe"], (got, want)
+    assert int(got["figures"]["seed"]) == want["seed"], (got, want)  # the page shows the seed it was decoded with
     assert float(got["figures"]["tokens_per_second"]) > 0, got
     if want["rep4"] is None:
         assert got["figures"]["rep4"] == "", got

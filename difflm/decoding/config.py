@@ -44,7 +44,7 @@ class DecodeConfig:
     #: default block_length, else gen_length/4 (`difflm.decoding.conv.effective_kernel_size`)
     kernel_size: int | None = field(default=None, metadata={"help": "Conv window K (even: K+1).", "min": 1})
     top_k: int | None = field(default=None, metadata={"help": "Keep the k best tokens.", "min": 1})
-    #: default 0.95 for nucleus, off for dream (Dream's own default); `effective_top_p`
+    #: default 0.95 for nucleus, 1 (off) for dream (Dream's own default); the others take only 1 (refused, not ignored)
     top_p: float | None = field(
         default=None, metadata={"help": "Nucleus p (nucleus: 0.95; dream: off).", "min": 0.0, "max": 1.0}
     )
@@ -145,6 +145,12 @@ class DecodeConfig:
                 f"suppress_tokens applies to the confidence decoders {', '.join(CONFIDENCE_METHODS)}, not {m}",
                 key="suppress_tokens",
             )
+        if self.top_p is not None and self.top_p != 1.0 and not REGISTRY[m].top_p:
+            raise ConfigError(
+                f"applies to {', '.join(names(top_p=True))} only; {m} draws from every token, so it takes "
+                f"1 or unset, got {self.top_p}",
+                key="top_p",
+            )
         if self.threshold is not None and m not in ("threshold", "llada_conv"):
             raise ConfigError(f"threshold applies to methods threshold and llada_conv, not {m}", key="threshold")
         if self.cache is not None:
@@ -165,11 +171,11 @@ class DecodeConfig:
             return float(self.temperature)
         return 0.0 if self.method in CONFIDENCE_METHODS else 1.0
 
-    def effective_top_p(self) -> float | None:
-        """top_p, or the method's default: 0.95 for nucleus, None (off) otherwise (dream: as Dream's own)."""
+    def effective_top_p(self) -> float:
+        """top_p, or the method's default: 0.95 for nucleus, 1 (off) otherwise (dream: as Dream's own)."""
         if self.top_p is not None:
             return float(self.top_p)
-        return 0.95 if self.method in AR_METHODS else None
+        return 0.95 if self.method in AR_METHODS else 1.0
 
     def effective_block_length(self) -> int:
         return self.block_length or self.gen_length

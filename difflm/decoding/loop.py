@@ -450,9 +450,8 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
     warpers = LogitsProcessorList()
     if temperature > 0:
         warpers.append(TemperatureLogitsWarper(temperature))
-        top_p = cfg.effective_top_p()
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+        if cfg.effective_top_p() < 1.0:
+            warpers.append(TopPLogitsWarper(cfg.effective_top_p()))
     gens = _generators(row_seeds, device)
     stops = torch.tensor(stop_ids, device=device)
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)

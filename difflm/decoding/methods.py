@@ -23,6 +23,7 @@ class Method:
     conv: bool = False  #: scales unmasking / confidence by the conv window (`difflm.decoding.conv`)
     remdm: bool = False  #: ReMDM loop schedule (alpha_on, t_on, t_off, eta)
     top_k: bool = True  #: reads `top_k` (categorical draws from every token)
+    top_p: bool = False  #: reads `top_p` (nucleus filtering); the others refuse a top_p other than 1
 
 
 def _whole_mass(d) -> None:
@@ -57,8 +58,8 @@ _REGISTRY = (
     Method("llada", "confidence", _block_confidence, blocks=True),
     Method("llada_conv", "confidence", _whole_confidence, conv=True),
     Method("threshold", "confidence", _block_confidence, blocks=True),
-    Method("dream", "confidence", _dream),
-    Method("nucleus", "ar"),
+    Method("dream", "confidence", _dream, top_p=True),
+    Method("nucleus", "ar", top_p=True),
 )
 
 #: name -> Method, in the order of `METHODS`

@@ -51,6 +51,7 @@ class ServeSettings:
     max_queue: int = 256
     timeout_s: float = 600.0  #: per request, queue time included
     body_timeout_s: float = 30.0  #: a client that has not sent its whole body by then gets 408
+    header_timeout_s: float = 10.0  #: a connection that has not sent a request's headers by then is closed
     limits: Limits = field(default_factory=Limits)
 
 
@@ -94,14 +95,14 @@ def _handlers(app: FastAPI) -> None:
 def _routes(app: FastAPI, model, settings: ServeSettings, engine: Engine) -> None:
     created = int(time.time())
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         index = STATIC / "index.html"
         if not index.is_file():
             raise APIError(404, "the chat page is not installed (difflm/serve/static/index.html)", type="not_found_error")
         return FileResponse(index)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", **dataclasses.asdict(engine.stats())}
 
@@ -140,7 +141,9 @@ def _config(model, settings: ServeSettings) -> dict:
     return {
         "model": settings.model_id, "decode": to_dict(settings.decode), "methods": [m for m in METHODS if fits(m)],
         "prompt_format": settings.prompt_format,
-        "limits": {"max_tokens": settings.limits.tokens(model), "n": settings.limits.n},
+        "limits": {"max_tokens": settings.limits.tokens(model), "n": settings.limits.n,
+                   "steps_per_token": settings.limits.steps_per_token, "prompts": settings.limits.prompts,
+                   "stop": settings.limits.stop, "body_bytes": settings.limits.body_bytes},
         "mask_token": tok.convert_ids_to_tokens(ids.mask_id) if tok is not None and ids.mask_id is not None else None,
         "stop_token_ids": list(ids.stop_ids), "context": getattr(model, "max_length", None),
         "api_key_required": settings.api_key is not None,
@@ -160,9 +163,7 @@ def _check_key(request: Request, settings: ServeSettings) -> None:
 
 async def _read_json(request: Request, settings: ServeSettings):
     limit = settings.limits.body_bytes
-    length = request.headers.get("content-length")
-    if length is not None and not length.isdigit():
-        raise APIError(400, f"the Content-Length header {length[:40]!r} is not a number")
+    length = request.headers.get("content-length")  # a non-numeric one never gets here: h11 answers 400 itself
     too_large = APIError(413, f"the body is larger than the limit of {limit} bytes")
     if length is not None and int(length) > limit:
         raise too_large
@@ -188,6 +189,8 @@ async def _read_json(request: Request, settings: ServeSettings):
         return json.loads(b"".join(chunks), parse_constant=no_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise APIError(400, f"the body is not valid JSON: {first_line(err)}") from None
+    except RecursionError:  # "[[[[...]]]]" deeper than Python's stack
+        raise APIError(400, "the body is not valid JSON: nested too deeply") from None
 
 
 async def _complete(request: Request, kind: str, model, settings: ServeSettings, engine: Engine):
@@ -195,7 +198,7 @@ async def _complete(request: Request, kind: str, model, settings: ServeSettings,
     body = await _read_json(request, settings)
     parsed = parse_request(body, kind, defaults=settings.decode, model=model, model_id=settings.model_id,
                            limits=settings.limits, prompt_format=settings.prompt_format)
-    run = _Run(kind, parsed, settings.model_id, asyncio.get_running_loop())
+    run = _Run(kind, parsed, settings.model_id, asyncio.get_running_loop(), engine)
     run.submit(engine)
     if parsed.stream:
         return StreamingResponse(run.stream(), media_type="text/event-stream",
@@ -206,8 +209,8 @@ async def _complete(request: Request, kind: str, model, settings: ServeSettings,
 class _Run:
     """One HTTP request's jobs (one per prompt) and the events coming back from the engine thread."""
 
-    def __init__(self, kind: str, parsed: Parsed, model_id: str, loop: asyncio.AbstractEventLoop):
-        self.kind, self.p, self.model_id, self.loop = kind, parsed, model_id, loop
+    def __init__(self, kind: str, parsed: Parsed, model_id: str, loop: asyncio.AbstractEventLoop, engine: Engine):
+        self.kind, self.p, self.model_id, self.loop, self.engine = kind, parsed, model_id, loop, engine
         self.queue: asyncio.Queue = asyncio.Queue()
         self.jobs = []
         self.total = len(parsed.prompts) * parsed.n
@@ -226,7 +229,8 @@ class _Run:
                 def sink(ev: dict, base=base) -> None:
                     self.loop.call_soon_threadsafe(self.queue.put_nowait, (base, ev))
 
-                self.jobs.append(engine.submit(ids, self.p.config, n=self.p.n, events=self.p.stream, sink=sink))
+                self.jobs.append(engine.submit(ids, self.p.config, n=self.p.n, events=self.p.stream, sink=sink,
+                                               first=base))
         except QueueFull as err:
             self.cancel()
             raise APIError(429, str(err), type="rate_limit_error", code="queue_full",
@@ -243,9 +247,14 @@ class _Run:
         text, hit = cut_at_stop(ev["text"], self.p.stop)
         return text, "stop" if hit else ev["finish_reason"]
 
+    def returned_tokens(self, ev: dict) -> int:
+        """The answer's tokens that the returned text holds (fewer than content_tokens when a stop string cut it)."""
+        text, hit = cut_at_stop(ev["text"], self.p.stop)
+        return self.engine.tokens_of_prefix(ev["token_ids"][: ev["content_tokens"]], text) if hit else ev["content_tokens"]
+
     def usage(self, done: dict[int, dict]) -> dict:
         prompt = sum(len(p) for p in self.p.prompts)
-        completion = sum(ev["content_tokens"] for ev in done.values())
+        completion = sum(self.returned_tokens(ev) for ev in done.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def gather(self, request: Request):
@@ -261,7 +270,7 @@ class _Run:
                         return Response(status_code=499)
                     continue
                 if ev["type"] == "error":
-                    raise APIError(ev["status"], ev["message"], type="timeout" if ev["status"] == 504 else None)
+                    raise _event_error(ev)
                 if ev["type"] == "done":
                     done[base + ev["index"]] = ev
         finally:
@@ -296,7 +305,7 @@ class _Run:
                 base, ev = await self.queue.get()
                 i = base + ev["index"]
                 if ev["type"] == "error":
-                    yield _sse(APIError(ev["status"], ev["message"]).body())
+                    yield _sse(_event_error(ev).body())
                     break
                 if ev["type"] == "step":
                     delta = ""
@@ -336,6 +345,11 @@ class _Run:
         return _sse(chunk)
 
 
+def _event_error(ev: dict) -> APIError:
+    """The engine's error event as the API error a response or a stream carries (one type for both)."""
+    return APIError(ev["status"], ev["message"], type="timeout" if ev["status"] == 504 else None)
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -353,14 +367,86 @@ def _fingerprint() -> str:
 
 def serve(model, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           graceful_s: float = 30.0) -> None:
-    """Run the app under uvicorn until SIGINT/SIGTERM: uvicorn stops accepting, lets in-flight requests
-    finish for up to `graceful_s`, then the engine stops (queued requests get 503) and the port is freed."""
+    """Run the app under uvicorn until SIGINT/SIGTERM (`build_server`: graceful shutdown, header timeout)."""
+    with _stop_signals_handled():
+        build_server(model, settings, host=host, port=port, log_level=log_level, graceful_s=graceful_s).run()
+
+
+def build_server(model, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
+                 log_level: str = "info", graceful_s: float = 30.0, drain_s: float = 10.0):
+    """The uvicorn server of `create_app(model, settings)` (`server.config.app`), not yet running.
+
+    Shutdown (SIGINT/SIGTERM, or `server.should_exit = True`): uvicorn stops accepting and lets in-flight
+    requests finish; at `graceful_s` the engine stops, so every request still waiting gets OpenAI's error
+    (503; a stream: an error event, then `[DONE]`) within `drain_s` more seconds, before uvicorn would cut what
+    is left (a plain-text 500 or a stream without its end). Connections that have not sent a request's headers
+    within `settings.header_timeout_s` are closed (uvicorn times out only idle keep-alive connections)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(model, settings), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=graceful_s, access_log=log_level == "debug")
-    with _stop_signals_handled():
-        uvicorn.Server(config).run()
+    app = create_app(model, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            http=_header_timeout_protocol(settings.header_timeout_s),
+                            timeout_graceful_shutdown=graceful_s + drain_s, access_log=log_level == "debug")
+    return _graceful_server_class()(config, engine=app.state.engine, graceful_s=graceful_s)
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's Server that stops the engine `graceful_s` into its shutdown (the waiters then answer)."""
+
+        def __init__(self, config, *, engine: Engine, graceful_s: float):
+            super().__init__(config)
+            self.engine, self.graceful_s = engine, graceful_s
+
+        async def shutdown(self, sockets=None) -> None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(self.graceful_s, lambda: loop.run_in_executor(None, self.engine.stop))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return GracefulServer
+
+
+def _header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: `timeout_s` from the connection's
+    start, or from the end of its previous response; a connection still without complete headers then is
+    closed. (uvicorn times out idle keep-alive connections only until their first byte, and never a new one.)"""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer = None
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request (or only part of its headers) within the deadline
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from difflm.config import to_dict
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError, first_line
 from difflm.eval.fluency import rep_n
-from difflm.generation import decode_output, left_pad
+from difflm.generation import decode_output, left_pad, prompt_id
 from difflm.seeding import item_seed
 
 Sink = Callable[[dict], None]
@@ -158,6 +158,19 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def tokens_of_prefix(self, content_ids: list[int], text: str) -> int:
+        """How many of an answer's content tokens its prefix `text` (the answer cut at a stop string) holds: the
+        fewest whose decoding is at least as long as `text` (a binary search; decoded lengths grow with the
+        tokens)."""
+        lo, hi = 0, len(content_ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(decode_output(self.model, content_ids[:mid])[0]) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def stats(self) -> EngineStats:
         with self._cv:
             return EngineStats(len(self._pending), len(self._running), len(self._jobs), self._batches,
@@ -165,12 +178,13 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], config: DecodeConfig, *, n: int = 1, events: bool = False,
-               sink: Sink, timeout_s: float | None = None) -> Job:
-        """Queue a request of `n` rows; row k is seeded item_seed(config.seed, k), as `generate` seeds row k
-        of a batch, so the answer equals `generate` on n copies of the prompt with that seed."""
+               sink: Sink, timeout_s: float | None = None, first: int = 0) -> Job:
+        """Queue a request of `n` rows; row k is choice `first + k` of its request, seeded
+        item_seed(config.seed, prompt_id(first + k)) as `difflm generate` seeds its (first + k)-th `--prompt`:
+        the answer equals `difflm generate` on n copies of the prompt with that seed."""
         now = time.monotonic()
         limit = self.timeout_s if timeout_s is None else timeout_s
-        seeds = [item_seed(config.seed, k) for k in range(n)]
+        seeds = [item_seed(config.seed, prompt_id(first + k)) for k in range(n)]
         job = Job(list(prompt_ids), config, n, events, sink, seeds, None if limit is None else now + limit,
                   key=settings_key(config))
         with self._cv:

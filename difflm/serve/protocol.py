@@ -10,7 +10,7 @@ so the messages are the CLI's.
 from __future__ import annotations
 
 import dataclasses
-import secrets
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +52,11 @@ class Limits:
     prompts: int = 16  #: the most prompts in one /v1/completions request
     body_bytes: int = 1 << 20
     stop: int = 4  #: stop strings (OpenAI's limit)
+    steps_per_token: int = 4  #: steps <= this x the request's max_tokens (a huge `steps` holds the worker)
+
+    def steps(self, gen_length: int) -> int:
+        """The most denoising steps a request of `gen_length` answer tokens may ask for."""
+        return self.steps_per_token * gen_length
 
     def tokens(self, model) -> int:
         """The effective max_tokens limit: the one set, else the model's context (4096 if unknown)."""
@@ -190,10 +195,11 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
     if name is not None and name not in (model_id, "difflm"):
         raise APIError(404, f"model {str(name)[:80]!r} is not served here; this server serves {model_id!r}",
                        "model", code="model_not_found")
-    max_tokens = _want(body, "max_completion_tokens", int, "an integer") or _want(body, "max_tokens", int, "an integer")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _want(body, key, int, "an integer")  # 0 is a value (refused below), not "absent"
     gen_length = defaults.gen_length if max_tokens is None else max_tokens
     if not 1 <= gen_length <= limits.tokens(model):
-        raise APIError(400, f"max_tokens must be in [1, {limits.tokens(model)}], got {gen_length}", "max_tokens")
+        raise APIError(400, f"{key} must be in [1, {limits.tokens(model)}], got {gen_length}", key)
     n = _want(body, "n", int, "an integer", 1)
     if not 1 <= n <= limits.n:
         raise APIError(400, f"n must be in [1, {limits.n}], got {n}", "n")
@@ -208,7 +214,12 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
     fmt = _want(body, "prompt_format", str, "a string", prompt_format if kind == "chat" else "raw")
     if fmt not in PROMPT_FORMATS:
         raise APIError(400, f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {fmt!r}", "prompt_format")
-    cfg = decode_config(body, defaults, gen_length, secrets.randbits(31) if seed is None else seed)
+    _check_finite(body)
+    _check_text(body)
+    cfg = decode_config(body, defaults, gen_length, defaults.seed if seed is None else seed)
+    if "steps" in body and cfg.steps > limits.steps(gen_length):  # the server's own default is the operator's
+        raise APIError(400, f"steps must be <= {limits.steps_per_token} x max_tokens = {limits.steps(gen_length)} "
+                            f"on this server (--max-steps-per-token), got {cfg.steps}", "steps")
     try:
         check_method_family(cfg.method, getattr(model, "family", None), model_id)
     except ConfigError as err:
@@ -228,6 +239,39 @@ def parse_request(body: Any, kind: str, *, defaults: DecodeConfig, model, model_
         except ConfigError as err:
             raise APIError(400, first_line(err), "max_tokens" if err.key == "gen_length" else err.key) from None
     return Parsed(prompts, cfg, n, stream, denoise, _stop_of(body, limits), bool(opts.get("include_usage")))
+
+
+def _walk(v: Any, path: str):
+    """(path, value) of every scalar in a parsed JSON value, paths as `messages[0].content` (a loop, not a
+    recursion: a body nested as deep as the JSON parser allows must not overflow the stack here)."""
+    todo = [(path, v)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+        else:
+            yield path, v
+
+
+def _check_finite(body: dict) -> None:
+    """No inf or NaN anywhere (1e400 parses as inf; the app's parser refuses the NaN/Infinity literals)."""
+    for path, v in _walk(body, ""):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise APIError(400, f"{path} must be a finite number, got {v!r}", path)
+
+
+def _check_text(body: dict) -> None:
+    """Every string must be valid Unicode text: JSON's \\ud800 escapes give lone surrogates, which no tokenizer
+    (and no UTF-8 encoder) accepts."""
+    for path, v in _walk(body, ""):
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise APIError(400, f"{path} is not valid Unicode text: a lone surrogate at character {err.start}",
+                               path) from None
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

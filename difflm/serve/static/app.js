@@ -231,6 +231,7 @@
     steps: (v) => String(v),
     seconds: (v) => v.toFixed(2),
     finish_reason: (v) => String(v),
+    seed: (v) => String(v),
   };
 
   function finish(panel, ev) {
