@@ -174,13 +174,10 @@ def generate(
     Outputs: OUT (a JSON list alpaca_eval reads), OUT.manifest.json (settings, versions, device, NFE, speed),
     OUT.config.yaml (the resolved recipe). An interrupted run resumes: rerun the same command.
     """
-    cli_values = {
-        "model": model_values(ctx),
-        "decode": decode_values(ctx),
-        "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
-                     prompt_format=prompt_format),
-        "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
-    }
+    cli_values = generate_cli_values(
+        ctx, prompt=prompt, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
+        prompt_format=prompt_format, output=output, overwrite=overwrite, batch_size=batch_size, generator=generator,
+    )
 
     def work() -> None:
         from difflm.generation import GenerateRecipe, run_generate
@@ -193,6 +190,22 @@ def generate(
         _run(cfg, live=live, quiet=quiet, run_generate=run_generate)
 
     run_command(work, debug)
+
+
+#: generate's options that `difflm sweep` takes too (the same declarations: cli/sweep.py reads them from here)
+SHARED_OPTIONS = ("prompt", "input", "eval_set", "data_path", "limit", "prompt_format", "batch_size", "generator")
+
+
+def generate_cli_values(ctx, *, prompt=None, input=None, eval_set=None, data_path=None, limit=None, prompt_format=None,
+                        output=None, overwrite=None, batch_size=None, generator=None) -> dict:
+    """The recipe values the user gave as options (None: not given), for `load_cli_recipe`."""
+    return {
+        "model": model_values(ctx),
+        "decode": decode_values(ctx),
+        "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
+                     prompt_format=prompt_format),
+        "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
+    }
 
 
 def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
