@@ -294,12 +294,26 @@ def report(
         Path, typer.Option("--out", "-o", file_okay=False, help="Folder for report.md, report.json and the PNG plots.")
     ] = Path("runs/report"),
     title: Annotated[str, typer.Option("--title", help="Report title.")] = "difflm eval report",
+    x: Annotated[
+        Optional[str],
+        typer.Option("--x", metavar="KEY", help="Table and plot scores against this recipe key (a sweep's key), "
+                                                "e.g. decode.kernel_size."),
+    ] = None,
+    score: Annotated[
+        Optional[list[str]],
+        typer.Option("--score", metavar="NAME", help="With --x: the scores to show (repeatable; default: all found), "
+                                                     "e.g. gsm8k_accuracy, lc_win_rate, rep_4, gen_ppl_mean, r_star, "
+                                                     "tokens_per_second, or an lm-eval task/metric."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Put runs side by side: a table, report.md, report.json and PNG plots (score vs steps per method,
-    repetition vs position, content tokens per forward pass). Every number names its manifest.
+    repetition vs position, content tokens per forward pass). Every number names its manifest. RUN may also
+    be an lm-eval results file (results_*.json of --output_path) or a folder of them.
 
     Example: difflm eval report runs/gsm8k-conv.json runs/gsm8k-llada.json --out runs/report
+
+    Example: difflm eval report runs/sweep-k --x decode.kernel_size --out runs/report-k
     """
 
     def work() -> None:
@@ -307,7 +321,7 @@ def report(
 
         from difflm.eval.report import COLUMNS, TERMINAL_COLUMNS, build_report
 
-        rep = build_report(runs, out_dir=out_dir, title=title)
+        rep = build_report(runs, out_dir=out_dir, title=title, x=x, scores=score)
         cols = [(name, fn) for name, fn in COLUMNS if name in TERMINAL_COLUMNS]
         t = Table(title=title)
         for name, _ in cols:
@@ -315,13 +329,31 @@ def report(
         for r in rep["rows"]:
             t.add_row(*[str(fn(r)) for _, fn in cols])
         console().print(t)
+        vs = rep.get("x")
+        if vs is not None:
+            v = Table(title=f"scores vs {vs['key']}")
+            for col in (vs["key"], "group", "run", *vs["scores"]):
+                v.add_column(col, overflow="fold", justify="left" if col in ("group", "run") else "right")
+            for row in vs["rows"]:
+                v.add_row(*[str(c) for c in (_num(row["x"]), row["group"], row["label"],
+                                               *[_num(row[s]) for s in vs["scores"]])])
+            console().print(v)
         err = err_console()
         for r in rep["rows"]:
+            if r.get("kind") == "lm-eval":
+                err.print(f"{r['label']}: lm-eval results {r['outputs']}", highlight=False)
+                continue
             err.print(f"{r['label']}: {r.get('model')} on {r.get('device')}, manifest {r.get('manifest') or 'none'}",
                       highlight=False)
         err.print("wrote " + ", ".join(rep["files"].values()), highlight=False)
 
     run_command(work, debug)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def register(app: typer.Typer) -> None:
