@@ -79,8 +79,8 @@ def _split_top_level(text: str) -> list[str]:
 def split_sweep_args(args: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
     """(fixed ``KEY=VALUE`` overrides, {swept key: [value texts]}) of the trailing arguments.
 
-    ConfigError for a malformed argument, an empty value in a list, a key given twice, a value repeated
-    in one key's list, or a reserved key (output, overwrite)."""
+    ConfigError for a malformed argument, an empty value in a list, a key given twice, or a reserved key
+    (output, overwrite). A value repeated in one key's list is kept once."""
     fixed: list[str] = []
     swept: dict[str, list[str]] = {}
     seen: set[str] = set()
@@ -104,10 +104,8 @@ def split_sweep_args(args: Sequence[str]) -> tuple[list[str], dict[str, list[str
         if any(v == "" for v in vals):
             raise ConfigError(f"{key}: empty value in the list {text!r}", key=key)
         parsed = [json.dumps(parse_overrides([f"{key}={v}"]), sort_keys=True) for v in vals]
-        dup = next((v for v, p in zip(vals, parsed) if parsed.count(p) > 1), None)
-        if dup is not None:
-            raise ConfigError(f"{key}: value {dup} is given twice in {text!r}", key=key)
-        swept[key] = vals
+        # a value given twice is one point (scripts that scale a grid down may produce repeats)
+        swept[key] = [v for i, (v, pv) in enumerate(zip(vals, parsed)) if pv not in parsed[:i]]
     return fixed, swept
 
 

@@ -31,10 +31,11 @@ def _outputs(out: Path) -> dict[str, list[str]]:
 
 def test_split_sweep_args():
     fixed, swept = split_sweep_args(["decode.steps=64", "decode.kernel_size=32, 64,128",
-                                     "decode.suppress_tokens=[1,2]", "a.b=[1,2],[3]", "data.prompt_format='x,y'"])
+                                     "decode.suppress_tokens=[1,2]", "a.b=[1,2],[3]", "data.prompt_format='x,y'",
+                                     "c=1,2,1"])
     assert fixed == ["decode.steps=64", "decode.suppress_tokens=[1,2]", "data.prompt_format='x,y'"]
-    assert swept == {"decode.kernel_size": ["32", "64", "128"], "a.b": ["[1,2]", "[3]"]}
-    for bad, needle in ((["x=1,,2"], "empty value"), (["x=a,b, a"], "value a is given twice"), (["x=1", "x=2,3"], "given twice"),
+    assert swept == {"decode.kernel_size": ["32", "64", "128"], "a.b": ["[1,2]", "[3]"], "c": ["1", "2"]}
+    for bad, needle in ((["x=1,,2"], "empty value"), (["x=1", "x=2,3"], "given twice"),
                         (["output=a,b"], "set by the sweep"), (["nokey"], "KEY=VALUE")):
         with pytest.raises(ConfigError, match=needle):
             split_sweep_args(bad)
