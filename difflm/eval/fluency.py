@@ -30,6 +30,9 @@ n-grams of the output as a list, U(G_n) the set of distinct ones):
   outputs). Over a whole output, the repeat positions / counted positions is exactly rep_n. Default
   n = 4. A curve that rises with the bin is the long-window failure.
 
+Generative perplexity under an AR scorer and the inlier share: `difflm.eval.genppl` (added to the results by
+`evaluate_file(..., scorer=...)`).
+
     from difflm.eval.fluency import fluency_metrics
     m = fluency_metrics(["a b a b a b", "the cat sat"])
     m["aggregate"]["rep_2"], m["items"][0]["longest_repeat"]     # (0.3, 4)

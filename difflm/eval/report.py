@@ -17,6 +17,14 @@ searched for them. Per run the report collects:
 - speed from the manifest: content tokens per forward pass (content = generated tokens before the first
   EOS/EOT, no prompt or padding) and content tokens per second, with the device named.
 
+- gen-PPL mean / median and the inlier share from OUT.json.fluency.json when `difflm eval fluency --scorer` wrote
+  them (never computed here: they need a scorer model);
+- lm-eval results files (results_*.json of lm-eval's --output_path) as rows of their own (`summarize_lm_eval`).
+
+With `x` (`--x decode.kernel_size`): every score against that recipe key (`score_table`, `plot_score_vs_key`):
+the key's value per run comes from the manifest's `sweep_point` (`difflm sweep`), the resolved recipe or the
+manifest; for lm-eval rows from model_args.
+
 Every number carries its source: the row's ``manifest`` path and ``sources`` (metric -> file, or
 "computed from OUT.json"), repeated in the Markdown file's Sources section.
 
@@ -580,6 +588,8 @@ def _group(r: dict, key: str, multi_model: bool) -> str:
     sp = {k: v for k, v in (r.get("sweep_point") or {}).items() if k != key}
     if sp:
         return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sp.items())
+    if r.get("sweep_point") or key == "decode.method":  # the method is what varies: one line per model
+        return _short(r.get("model")) + (f" + {_short(r['adapter'])}" if r.get("adapter") else "")
     return _group_key(r, multi_model)
 
 
