@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Debug, RecipePath, console, err_console, option, run_command
-from cli.generate import SHARED_OPTIONS, DecodeOptionsCommand, generate as _generate, generate_cli_values, load_with_spinner
+from cli.generate import COMMAND_ONLY, DecodeOptionsCommand, generate as _generate, generate_cli_values, load_with_spinner
 
 _O = "Output"
 
@@ -58,9 +58,7 @@ def sweep(ctx: typer.Context, **kw) -> None:
 
         if out_dir is None:
             raise ConfigError("give the sweep's output folder: -o DIR", key="output")
-        cli_values = generate_cli_values(ctx, **kw)
-        cli_values.pop("output")
-        cli_values.pop("overwrite")
+        cli_values = generate_cli_values(ctx, kw)
         points = plan_sweep(recipe, args, out_dir, cli_values=cli_values, overwrite=overwrite)
         _run(points, out_dir, quiet=quiet)
 
@@ -111,7 +109,8 @@ def _run(points, out_dir: Path, *, quiet: bool) -> None:
 
 def _signature() -> inspect.Signature:
     """ctx, --recipe, the KEY=V1,V2 arguments (DecodeOptionsCommand puts the Model and Decoding panels after
-    them), generate's input options (their own declarations), -o DIR, --overwrite, --quiet, --debug."""
+    them), every other option of generate (its own declarations: inputs, --batch-size, --generator), -o DIR,
+    --overwrite, --quiet, --debug."""
     gen = inspect.signature(_generate, eval_str=True).parameters
     kwo = inspect.Parameter.KEYWORD_ONLY
 
@@ -120,7 +119,7 @@ def _signature() -> inspect.Signature:
 
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
               p("recipe", RecipePath), p("overrides", SweepArgs)]
-    params += [gen[n].replace(kind=kwo) for n in SHARED_OPTIONS]
+    params += [q.replace(kind=kwo) for n, q in gen.items() if n not in COMMAND_ONLY]
     params += [p("output", OutDir), p("overwrite", Overwrite, False), p("quiet", Quiet, False), p("debug", Debug, False)]
     return inspect.Signature(params)
 
