@@ -422,7 +422,8 @@ def run_generate(
         if len(records) != len(items):
             missing = [i for i in ids if i not in by_id][:5]
             raise RuntimeError(f"{len(items) - len(records)} items have no output (e.g. {missing}); rerun to resume")
-        man = {**manifest(recipe, model, records, started), **(manifest_extra or {})}
+        man = manifest(recipe, model, records, started)
+        man.update(manifest_extra or {})
         if recipe.output:
             paths = output_paths(recipe.output)
             write_alpaca_eval_json(paths["output"], records)
