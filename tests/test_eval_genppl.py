@@ -192,6 +192,17 @@ def test_cli_writes_gen_ppl_and_inlier_share(ar_dir, outputs_file, tmp_path):
     assert agg["inlier_share"] == pytest.approx(sum(it["inlier"] for it in items) / len(items))
     assert data["inlier"]["reference_texts"] == 4 and data["settings"]["fluency"]["gen_ppl"]["context"] == "bos"
     assert "gen_ppl_mean" in res.output and "inlier_share" in res.output
+    # the reference's scores are cached beside it and read back (not rescored) by the next outputs file
+    cache = Path(data["settings"]["fluency"]["gen_ppl"]["reference_cache"])
+    assert cache.parent == ref.parent and len(json.loads(cache.read_text())) == 4
+    fake = [{**r, "gen_ppl": 1.0, "nll_mean": 0.0} for r in json.loads(cache.read_text())]
+    fake[0]["gen_ppl"] = 3.0
+    cache.write_text(json.dumps(fake))
+    again = runner.invoke(app, ["eval", "fluency", "--outputs", str(outputs_file), "--scorer", str(ar_dir),
+                                "--inlier-reference", str(ref), "--dtype", "float32", "-q"])
+    assert again.exit_code == 0, again.output
+    inl = json.loads(Path(str(outputs_file) + ".fluency.json").read_text())["inlier"]
+    assert inl["reference_mean"] == pytest.approx(1.5)  # the cached values were used
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -355,8 +355,13 @@ def _add_gen_ppl(m: dict, records: list[dict], ref, *, scorer, scorer_obj, score
     }
     if ref is not None:
         texts, ref_prompts = ref
-        ref_scores = score_texts(model, texts, prompts=ref_prompts, context=context, max_length=max_length,
-                                 batch_size=batch_size, on_progress=progress("reference"))
+        cache = _reference_cache_path(inlier_reference, texts, ref_prompts, settings)
+        ref_scores = _read_cache(cache, len(texts))
+        if ref_scores is None:
+            ref_scores = score_texts(model, texts, prompts=ref_prompts, context=context, max_length=max_length,
+                                     batch_size=batch_size, on_progress=progress("reference"))
+            _write_cache(cache, ref_scores)
+        settings["reference_cache"] = str(cache)
         inl = inlier_share(scores, ref_scores, scale=inlier_scale)
         for it, flag in zip(m["items"], inl.pop("inlier")):
             it["inlier"] = flag
@@ -366,3 +371,35 @@ def _add_gen_ppl(m: dict, records: list[dict], ref, *, scorer, scorer_obj, score
                        "reference_gen_ppl_median": ref_agg["gen_ppl_median"]}
         settings.update(inlier_reference=str(inlier_reference), inlier_scale=inlier_scale)
     m["settings"]["gen_ppl"] = settings
+
+
+def _reference_cache_path(reference, texts, prompts, settings: dict) -> Path:
+    """REF.genppl-<key>.json beside the reference file: the reference's gen-PPL scores, keyed by the texts, their
+    prompts and the scoring settings (scorer, context, window, dtype), so that scoring many outputs files against
+    one large reference (every row of a table) scores it once."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([texts, prompts, {k: settings[k] for k in
+                                                    ("scorer", "context", "max_length", "scorer_dtype")}]).encode())
+    ref = Path(reference)
+    return ref.with_name(f"{ref.name}.genppl-{h.hexdigest()[:16]}.json")
+
+
+def _read_cache(path: Path, n: int) -> list[dict] | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, list) and len(data) == n else None
+
+
+def _write_cache(path: Path, scores: list[dict]) -> None:
+    from difflm.io import atomic_write_json
+
+    try:
+        atomic_write_json(path, scores, indent=None)
+    except OSError:  # a read-only folder: no cache, nothing else changes
+        pass
