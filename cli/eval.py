@@ -34,6 +34,8 @@ Results = Annotated[
                  help="Where to write the results JSON (default: OUT.json.<task>.json)."),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the headline number.")]
+#: the gen-PPL scorer when none is named: a real pre-trained AR model that loads offline (the smollm2 extra)
+DEFAULT_SCORER = "smollm2-135m-instruct"
 
 
 @eval_app.command("gsm8k")
@@ -211,25 +213,83 @@ def fluency(
     top_frequent: Annotated[int, typer.Option("--top-frequent", min=1, help="Size of the frequent-token set.")] = 100,
     position_n: Annotated[int, typer.Option("--position-n", min=1, help="n of the repetition-by-position curve.")] = 4,
     bin_width: Annotated[int, typer.Option("--bin-width", min=1, help="Positions per bin of the curve.")] = 64,
+    gen_ppl: Annotated[
+        bool, typer.Option("--gen-ppl", help=f"Generative perplexity under --scorer (default {DEFAULT_SCORER}).")
+    ] = False,
+    scorer: Annotated[
+        Optional[str],
+        typer.Option("--scorer", metavar="MODEL",
+                     help=f"AR causal LM for gen-PPL (folder, Hub name or {DEFAULT_SCORER}; the paper: gpt2-large). "
+                          "Implies --gen-ppl."),
+    ] = None,
+    inlier_reference: Annotated[
+        Optional[Path],
+        typer.Option("--inlier-reference", metavar="FILE", dir_okay=False,
+                     help="Reference texts (JSON list of strings, alpaca/alpaca_eval records, JSONL with "
+                          "output/text/response) for the inlier share: gen-PPL within their mean ± 2 std. Implies --gen-ppl."),
+    ] = None,
+    reference_limit: Annotated[
+        Optional[int], typer.Option("--reference-limit", min=1, metavar="N", help="Score only the first N reference texts.")
+    ] = None,
+    inlier_scale: Annotated[
+        str, typer.Option("--inlier-scale", help="ppl|log: mean and std of gen-PPL or of log gen-PPL.")
+    ] = "ppl",
+    context: Annotated[
+        str, typer.Option("--context", help="bos|prompt|chat: what the scored output is conditioned on.")
+    ] = "bos",
+    max_length: Annotated[
+        Optional[int], typer.Option("--max-length", metavar="W",
+                                    help="Scorer window in tokens (default min(its context, 1024)); longer texts are chunked.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Windows per scorer batch.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="Scorer weights: auto|float32|bfloat16|float16.")] = "auto",
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 (default: cuda if any).")] = None,
     results: Results = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
     """Repetition and diversity of outputs: rep-2/rep-4, distinct-n, longest repeated span, frequent-token
-    share, lengths, empty answers, and repetition by distance from the prompt.
+    share, lengths, empty answers, repetition by distance from the prompt; with --scorer, generative
+    perplexity (gen-PPL) per output, its mean and median, and with --inlier-reference the inlier share.
 
     Example: difflm eval fluency --outputs runs/alpaca-conv.json --tokenizer GSAI-ML/LLaDA-8B-Instruct
+
+    Example: difflm eval fluency --outputs runs/alpaca-conv.json --scorer smollm2-135m-instruct --inlier-reference data/alpaca.json --reference-limit 2000
 
     Formulas: difflm/eval/README.md. Writes OUT.json.fluency.json.
     """
 
     def work() -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.table import Table
 
+        from difflm.errors import ConfigError
         from difflm.eval.fluency import evaluate_file
 
-        res = evaluate_file(outputs, tokenizer=tokenizer, frequent_from=frequent_from, top_frequent=top_frequent,
-                            position_n=position_n, bin_width=bin_width, results=results)
+        for name, value, allowed in (("--context", context, ("bos", "prompt", "chat")),
+                                     ("--inlier-scale", inlier_scale, ("ppl", "log")),
+                                     ("--dtype", dtype, ("auto", "float32", "bfloat16", "float16"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        want = gen_ppl or scorer is not None or inlier_reference is not None
+        err = err_console()
+        progress = Progress(TextColumn("[bold]gen-PPL {task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err, disable=quiet or not want)
+        tasks: dict[str, int] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = progress.add_task(what, total=total)
+            progress.update(tasks[what], completed=done, total=total)
+
+        with progress:
+            res = evaluate_file(
+                outputs, tokenizer=tokenizer, frequent_from=frequent_from, top_frequent=top_frequent,
+                position_n=position_n, bin_width=bin_width, results=results,
+                scorer=(scorer or DEFAULT_SCORER) if want else None, scorer_dtype=dtype, device=device,
+                context=context, max_length=max_length, batch_size=batch_size, inlier_reference=inlier_reference,
+                reference_limit=reference_limit, inlier_scale=inlier_scale, on_progress=on_progress,
+            )
         agg = res["aggregate"]
         out = console()
 
@@ -237,16 +297,35 @@ def fluency(
             return "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
 
         if quiet:
-            out.print(f"rep-2 {f(agg['rep_2'])} rep-4 {f(agg['rep_4'])} distinct-2 {f(agg['distinct_2'])} "
-                      f"empty {f(agg['empty_share'])}", highlight=False)
+            line = (f"rep-2 {f(agg['rep_2'])} rep-4 {f(agg['rep_4'])} distinct-2 {f(agg['distinct_2'])} "
+                    f"empty {f(agg['empty_share'])}")
+            if want:
+                line += f" gen-PPL mean {f(agg['gen_ppl_mean'], 2)} median {f(agg['gen_ppl_median'], 2)}"
+            if agg.get("inlier_share") is not None:
+                line += f" inlier {f(agg['inlier_share'])}"
+            out.print(line, highlight=False)
             return
         t = Table(title=f"fluency of {outputs} ({res['settings']['fluency']['tokens']} tokens)")
         t.add_column("metric")
         t.add_column("value", justify="right")
-        for k in ("outputs", "rep_2", "rep_4", "distinct_1", "distinct_2", "distinct_4", "longest_repeat_mean",
-                  "longest_repeat_max", "frequent_share", "tokens_mean", "content_tokens_mean", "empty_share"):
+        keys = ["outputs", "rep_2", "rep_4", "distinct_1", "distinct_2", "distinct_4", "longest_repeat_mean",
+                "longest_repeat_max", "frequent_share", "tokens_mean", "content_tokens_mean", "empty_share"]
+        if want:
+            keys += ["gen_ppl_mean", "gen_ppl_median", "gen_ppl_pooled", "gen_ppl_scored", "gen_ppl_unscored"]
+        if "inlier" in res:
+            keys += ["inlier_share"]
+        for k in keys:
             t.add_row(k, f(agg.get(k)))
         out.print(t)
+        if want:
+            g = res["settings"]["fluency"]["gen_ppl"]
+            err.print(f"gen-PPL: scorer {g['scorer']} ({g['scorer_dtype']}), context {g['context']}, "
+                      f"window {g['max_length']} tokens", highlight=False)
+        if "inlier" in res:
+            i = res["inlier"]
+            err.print(f"inliers: {i['inliers']}/{i['outputs']} within {i['low']:.3f} .. {i['high']:.3f} "
+                      f"(reference {i['reference']}: {i['reference_texts']} texts, {i['scale']} mean "
+                      f"{i['reference_mean']:.3f} ± {i['k']:g} × std {i['reference_std']:.3f})", highlight=False)
         c = Table(title=f"repetition by position (rep-{position_n}, bins of {bin_width})")
         for col in ("positions", "counted", "repeated", "rate"):
             c.add_column(col, justify="right")
@@ -269,12 +348,26 @@ def report(
         Path, typer.Option("--out", "-o", file_okay=False, help="Folder for report.md, report.json and the PNG plots.")
     ] = Path("runs/report"),
     title: Annotated[str, typer.Option("--title", help="Report title.")] = "difflm eval report",
+    x: Annotated[
+        Optional[str],
+        typer.Option("--x", metavar="KEY", help="Table and plot scores against this recipe key (a sweep's key), "
+                                                "e.g. decode.kernel_size."),
+    ] = None,
+    score: Annotated[
+        Optional[list[str]],
+        typer.Option("--score", metavar="NAME", help="With --x: the scores to show (repeatable; default: all found), "
+                                                     "e.g. gsm8k_accuracy, lc_win_rate, rep_4, gen_ppl_mean, r_star, "
+                                                     "tokens_per_second, or an lm-eval task/metric."),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Put runs side by side: a table, report.md, report.json and PNG plots (score vs steps per method,
-    repetition vs position, content tokens per forward pass). Every number names its manifest.
+    repetition vs position, content tokens per forward pass). Every number names its manifest. RUN may also
+    be an lm-eval results file (results_*.json of --output_path) or a folder of them.
 
     Example: difflm eval report runs/gsm8k-conv.json runs/gsm8k-llada.json --out runs/report
+
+    Example: difflm eval report runs/sweep-k --x decode.kernel_size --out runs/report-k
     """
 
     def work() -> None:
@@ -282,7 +375,7 @@ def report(
 
         from difflm.eval.report import COLUMNS, TERMINAL_COLUMNS, build_report
 
-        rep = build_report(runs, out_dir=out_dir, title=title)
+        rep = build_report(runs, out_dir=out_dir, title=title, x=x, scores=score)
         cols = [(name, fn) for name, fn in COLUMNS if name in TERMINAL_COLUMNS]
         t = Table(title=title)
         for name, _ in cols:
@@ -290,13 +383,31 @@ def report(
         for r in rep["rows"]:
             t.add_row(*[str(fn(r)) for _, fn in cols])
         console().print(t)
+        vs = rep.get("x")
+        if vs is not None:
+            v = Table(title=f"scores vs {vs['key']}")
+            for col in (vs["key"], "group", "run", *vs["scores"]):
+                v.add_column(col, overflow="fold", justify="left" if col in ("group", "run") else "right")
+            for row in vs["rows"]:
+                v.add_row(*[str(c) for c in (_num(row["x"]), row["group"], row["label"],
+                                               *[_num(row[s]) for s in vs["scores"]])])
+            console().print(v)
         err = err_console()
         for r in rep["rows"]:
+            if r.get("kind") == "lm-eval":
+                err.print(f"{r['label']}: lm-eval results {r['outputs']}", highlight=False)
+                continue
             err.print(f"{r['label']}: {r.get('model')} on {r.get('device')}, manifest {r.get('manifest') or 'none'}",
                       highlight=False)
         err.print("wrote " + ", ".join(rep["files"].values()), highlight=False)
 
     run_command(work, debug)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def register(app: typer.Typer) -> None:

@@ -178,13 +178,7 @@ def generate(
     Outputs: OUT (a JSON list alpaca_eval reads), OUT.manifest.json (settings, versions, device, NFE, speed),
     OUT.config.yaml (the resolved recipe). An interrupted run resumes: rerun the same command.
     """
-    cli_values = {
-        "model": model_values(ctx),
-        "decode": decode_values(ctx),
-        "data": dict(prompts=prompt or None, input=input, eval_set=eval_set, data_path=data_path, limit=limit,
-                     prompt_format=prompt_format, turns=turns),
-        "output": output, "overwrite": overwrite, "batch_size": batch_size, "generator": generator,
-    }
+    cli_values = generate_cli_values(ctx, dict(locals()))
 
     def work() -> None:
         from difflm.generation import GenerateRecipe, run_generate
@@ -197,6 +191,32 @@ def generate(
         _run(cfg, live=live, quiet=quiet, run_generate=run_generate)
 
     run_command(work, debug)
+
+
+#: generate's parameters that are not recipe values, or that `difflm sweep` declares itself
+COMMAND_ONLY = ("ctx", "recipe", "overrides", "output", "overwrite", "live", "quiet", "debug")
+
+
+def generate_cli_values(ctx, options: dict) -> dict:
+    """The recipe values the user gave as generate's options (None: not given), for `load_cli_recipe`: the Model
+    and Decoding panels from ctx, then every option named like a `data:` field (`--prompt` fills
+    `data.prompts`) or a top-level recipe field; other entries of `options` (ctx, live, quiet, ...) are ignored.
+    `difflm sweep` calls it with its own values of generate's options."""
+    import dataclasses
+
+    from difflm.generation import GenerateDataConfig, GenerateRecipe
+
+    data_fields = {f.name for f in dataclasses.fields(GenerateDataConfig)}
+    top_fields = {f.name for f in dataclasses.fields(GenerateRecipe)} - {"model", "decode", "data"}
+    values = {"model": model_values(ctx), "decode": decode_values(ctx), "data": {}}
+    for name, value in options.items():
+        if name == "prompt":
+            values["data"]["prompts"] = value or None
+        elif name in data_fields:
+            values["data"][name] = value
+        elif name in top_fields:
+            values[name] = value
+    return values
 
 
 def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:

@@ -18,6 +18,7 @@ from cli import merge as _merge
 from cli import r2ft as _r2ft
 from cli import serve as _serve
 from cli import sft as _sft
+from cli import sweep as _sweep
 from cli import tokenize as _tokenize
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ _tokenize.register(app)
 _sft.register(app)
 _r2ft.register(app)
 _generate.register(app)
+_sweep.register(app)
 _eval.register(app)
 _merge.register(app)
 _serve.register(app)

@@ -387,10 +387,12 @@ def run_generate(
     on_start: Callable[[int, int], None] | None = None,
     on_batch: Callable[[list[dict]], None] | None = None,
     step_callback: Callable[[dict], None] | None = None,
+    manifest_extra: dict | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Run `difflm generate`. Returns (records in item order, manifest) on rank 0; ([], None) elsewhere.
 
     `model` (a loaded DiffusionLM) and `items` (from `load_items`) may be passed in when already loaded.
+    `manifest_extra` is added to the manifest (`difflm sweep`: the point's `sweep_point`).
 
     on_start(total_items, already_done) and on_batch(records) report progress (rank 0 only is typical).
     """
@@ -450,6 +452,7 @@ def run_generate(
             missing = [i for i in ids if i not in by_id][:5]
             raise RuntimeError(f"{len(ids) - len(records)} items have no output (e.g. {missing}); rerun to resume")
         man = manifest(recipe, model, records, started)
+        man.update(manifest_extra or {})
         if recipe.output:
             paths = output_paths(recipe.output)
             write_alpaca_eval_json(paths["output"], records)

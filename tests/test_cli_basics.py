@@ -18,7 +18,7 @@ from difflm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = [["eval", "gsm8k"], ["eval", "alpaca"], ["eval", "fluency"], ["eval", "report"]]
-COMMANDS = [["tokenize"], ["sft"], ["r2ft"], ["merge"], *EVAL, ["generate"], ["eval"]]
+COMMANDS = [["tokenize"], ["sft"], ["r2ft"], ["merge"], *EVAL, ["generate"], ["sweep"], ["eval"]]
 
 
 @pytest.fixture

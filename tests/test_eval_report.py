@@ -96,3 +96,71 @@ def test_results_of_another_version_of_the_outputs_are_ignored(two_runs, tmp_pat
     (row,) = build_report([hand], out_dir=tmp_path / "r")["rows"]
     assert row["accuracy"] == 0.0 and row["sources"]["accuracy"].startswith("computed from")
     assert "rerun difflm eval gsm8k" in row["sources"]["gsm8k (ignored)"]
+
+
+LM_EVAL_FIX = FIX / "eval" / "lm_eval_results"  # real lm-eval results files (tiny-math, kernel_size 3 and 9)
+
+
+@pytest.fixture(scope="module")
+def kernel_sweep(tmp_path_factory) -> Path:
+    """A 2-point `difflm sweep` over decode.kernel_size on the embedded tiny-math model (GSM8K items with gold
+    answers), one point scored by `difflm eval fluency` for gen-PPL under a tiny AR scorer."""
+    from difflm.sweep import plan_sweep, run_sweep
+    from difflm.testing import build_tiny_ar
+
+    tmp = tmp_path_factory.mktemp("ksweep")
+    out = tmp / "sweep"
+    args = ["decode.kernel_size=3,5", "decode.gen_length=12", "decode.steps=4", "model.name=tiny-math",
+            "data.eval_set=gsm8k", f"data.data_path={FIX / 'gsm8k.jsonl'}", "data.limit=3", "batch_size=3"]
+    run_sweep(plan_sweep(None, args, out), out)
+    scorer = build_tiny_ar(tmp / "scorer")
+    res = runner.invoke(app, ["eval", "fluency", "--outputs", str(out / "kernel_size=5.json"), "--scorer", str(scorer),
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_report_tables_and_plots_scores_against_a_swept_key_with_lm_eval_results(kernel_sweep, tmp_path):
+    from difflm.eval.gsm8k import score_records
+
+    out = tmp_path / "report"
+    files = sorted(str(p) for p in kernel_sweep.glob("*.json"))  # what `DIR/*.json` gives: manifests and results too
+    res = runner.invoke(app, ["eval", "report", *files, str(LM_EVAL_FIX), "--x", "decode.kernel_size",
+                              "--out", str(out)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["rows"]) == 4  # 2 sweep points + 2 lm-eval files; the side files were skipped
+    vs = rep["x"]
+    assert vs["key"] == "decode.kernel_size"
+    by_label = {t["label"]: t for t in vs["rows"]}
+    lm = {t["x"]: t for t in vs["rows"] if t["group"].startswith("lm-eval")}
+    assert sorted(lm) == [3, 9]
+    for k, t in lm.items():  # the numbers are those in the lm-eval files
+        path = next(LM_EVAL_FIX.glob(f"k{k}/tiny-math/results_*.json"))
+        data = json.loads(path.read_text())["results"]
+        assert t["difflm_tiny_choice/acc"] == data["difflm_tiny_choice"]["acc,none"]
+        assert t["difflm_tiny_gen/exact_match"] == data["difflm_tiny_gen"]["exact_match,none"]
+    gen_rows = [t for t in vs["rows"] if not t["group"].startswith("lm-eval")]
+    assert [t["x"] for t in gen_rows] == [3, 5]
+    for t in gen_rows:
+        recs = json.loads((kernel_sweep / f"kernel_size={t['x']}.json").read_text())
+        assert t["gsm8k_accuracy"] == pytest.approx(100 * score_records(recs)["accuracy"])
+        man = json.loads((kernel_sweep / f"kernel_size={t['x']}.json.manifest.json").read_text())
+        assert t["tokens_per_nfe"] == pytest.approx(man["content_tokens_per_nfe"])
+    flu = json.loads((kernel_sweep / "kernel_size=5.json.fluency.json").read_text())
+    assert gen_rows[1]["gen_ppl_mean"] == pytest.approx(flu["aggregate"]["gen_ppl_mean"])
+    assert gen_rows[0]["gen_ppl_mean"] is None  # not scored: no number invented
+    png = (out / "score_vs_kernel_size.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    md = (out / "report.md").read_text()
+    assert "## Scores vs decode.kernel_size" in md and "## lm-eval results" in md and "difflm_tiny_choice/acc" in md
+    assert "scores vs decode.kernel_size" in res.output and len(by_label) == 4
+    # --score picks columns; an unknown score or a key no run has: exit 2, one line
+    res = runner.invoke(app, ["eval", "report", str(kernel_sweep), "--x", "decode.kernel_size", "--score", "rep_4",
+                              "--out", str(tmp_path / "r2")])
+    assert res.exit_code == 0 and json.loads((tmp_path / "r2" / "report.json").read_text())["x"]["scores"] == ["rep_4"]
+    for args, needle in ((["--x", "decode.kernel_size", "--score", "nope"], "no run has the score 'nope'; available:"),
+                         (["--x", "decode.no_such_key"], "no run has a value for decode.no_such_key")):
+        res = runner.invoke(app, ["eval", "report", str(kernel_sweep), *args, "--out", str(tmp_path / "r3")])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1

@@ -161,3 +161,17 @@ def test_a_diffusion_decoder_is_refused_in_one_line_before_loading(monkeypatch):
     assert "autoregressive" in lines[0] and "nucleus" in lines[0] and "conv" in lines[0]
     with pytest.raises(ConfigError, match="family ar, not llada"):
         load_model(NAME, family="llada")
+
+
+@pytest.mark.slow
+def test_gen_ppl_of_fluent_text_is_far_below_scrambled_text(smollm2):
+    """`difflm eval fluency --scorer`'s offline default: a fluent sentence has a far lower generative perplexity
+    than the same words in reverse order."""
+    from difflm.eval.genppl import score_texts
+
+    fluent = "The capital of France is Paris, and it is known for the Eiffel Tower."
+    scrambled = " ".join(reversed(fluent.split()))
+    a, b = score_texts(smollm2, [fluent, scrambled], batch_size=2)
+    assert a["scored_tokens"] > 10
+    assert a["gen_ppl"] * 3 < b["gen_ppl"], (a, b)
+    print(f"\nsmollm2 gen-PPL: fluent {a['gen_ppl']:.1f}, scrambled {b['gen_ppl']:.1f}")

@@ -30,6 +30,9 @@ n-grams of the output as a list, U(G_n) the set of distinct ones):
   outputs). Over a whole output, the repeat positions / counted positions is exactly rep_n. Default
   n = 4. A curve that rises with the bin is the long-window failure.
 
+Generative perplexity under an AR scorer and the inlier share: `difflm.eval.genppl` (added to the results by
+`evaluate_file(..., scorer=...)`).
+
     from difflm.eval.fluency import fluency_metrics
     m = fluency_metrics(["a b a b a b", "the cat sat"])
     m["aggregate"]["rep_2"], m["items"][0]["longest_repeat"]     # (0.3, 4)
@@ -40,6 +43,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 from typing import Any, Hashable, Sequence
+
+from difflm.errors import ConfigError
 
 __all__ = [
     "distinct_n",
@@ -254,14 +259,36 @@ def evaluate_file(
     bin_width: int = 64,
     results: str | Path | None = None,
     tokenizer_obj: Any = None,
+    scorer: str | None = None,
+    scorer_obj: Any = None,
+    scorer_dtype: str = "auto",
+    device: str | None = None,
+    context: str = "bos",
+    max_length: int | None = None,
+    batch_size: int = 8,
+    inlier_reference: str | Path | None = None,
+    reference_limit: int | None = None,
+    inlier_scale: str = "ppl",
+    on_progress: Any = None,
 ) -> dict[str, Any]:
     """Fluency metrics of a `difflm generate` output file, written to `results` (default
     OUT.json.fluency.json) with the run's manifest path and settings. `frequent_from` is another outputs
-    file (e.g. the reference answers) whose tokens define the frequent set."""
+    file (e.g. the reference answers) whose tokens define the frequent set.
+
+    With `scorer` (a causal LM name or folder; or a loaded one as `scorer_obj`): generative perplexity per
+    output and its mean / median / pooled value (`difflm.eval.genppl`), and with `inlier_reference` (a file
+    of reference texts) the inlier share. `on_progress(what, done, total)` reports the scoring."""
     from difflm.eval.runs import load_run, results_path
     from difflm.io import atomic_write_json
 
     run = load_run(outputs)
+    if inlier_reference is not None and scorer is None and scorer_obj is None:
+        raise ConfigError("the inlier share needs a scorer (--scorer)", key="inlier_reference")
+    ref = None
+    if inlier_reference is not None:  # a bad reference file fails before the scorer loads
+        from difflm.eval.genppl import read_reference_texts
+
+        ref = read_reference_texts(inlier_reference, reference_limit)
     tok = tokenizer_obj if tokenizer_obj is not None else (load_tokenizer(tokenizer) if tokenizer else None)
     corpus = [r["output"] for r in load_run(frequent_from).records] if frequent_from else None
     m = fluency_metrics(
@@ -274,6 +301,10 @@ def evaluate_file(
         position_n=position_n,
         bin_width=bin_width,
     )
+    if scorer is not None or scorer_obj is not None:
+        _add_gen_ppl(m, run.records, ref, scorer=scorer, scorer_obj=scorer_obj, scorer_dtype=scorer_dtype,
+                     device=device, context=context, max_length=max_length, batch_size=batch_size,
+                     inlier_scale=inlier_scale, inlier_reference=inlier_reference, on_progress=on_progress)
     if tokenizer:
         m["settings"]["tokenizer"] = tokenizer
     if frequent_from:
@@ -286,9 +317,89 @@ def evaluate_file(
         "settings": {**run.settings(), **{"fluency": m["settings"]}},
         "aggregate": m["aggregate"],
         "position_curve": m["position_curve"],
+        **({"inlier": m["inlier"]} if "inlier" in m else {}),
         "items": m["items"],
     }
     path = Path(results) if results else results_path(run.output_path, "fluency")
     atomic_write_json(path, out)
     out["results_path"] = str(path)
     return out
+
+
+def _add_gen_ppl(m: dict, records: list[dict], ref, *, scorer, scorer_obj, scorer_dtype, device, context, max_length,
+                 batch_size, inlier_scale, inlier_reference, on_progress) -> None:
+    """Score the records (and the inlier reference) under the scorer; put the results into `m`."""
+    from difflm.eval.genppl import CONTEXTS, SCALES, aggregate, inlier_share, load_scorer, score_texts
+
+    if context not in CONTEXTS:
+        raise ConfigError(f"must be one of {', '.join(CONTEXTS)}, got {context!r}", key="context")
+    if inlier_scale not in SCALES:
+        raise ConfigError(f"must be one of {', '.join(SCALES)}, got {inlier_scale!r}", key="inlier_scale")
+    model = scorer_obj if scorer_obj is not None else load_scorer(scorer, dtype=scorer_dtype, device=device)
+
+    def progress(what):
+        return (lambda done, total: on_progress(what, done, total)) if on_progress else None
+
+    prompts = [(r.get("instruction"), r.get("input")) for r in records]
+    scores = score_texts(model, [r["output"] for r in records], prompts=prompts, context=context,
+                         max_length=max_length, batch_size=batch_size, on_progress=progress("outputs"))
+    for it, sc in zip(m["items"], scores):
+        it.update(gen_ppl=sc["gen_ppl"], nll_mean=sc["nll_mean"], scored_tokens=sc["scored_tokens"])
+    m["aggregate"].update(aggregate(scores))
+    settings = {
+        "scorer": scorer or getattr(model, "name", None),
+        "context": context,
+        "max_length": max_length if max_length is not None else (min(model.max_length, 1024) if model.max_length else 1024),
+        "batch_size": batch_size,
+        "scorer_dtype": str(model.dtype).replace("torch.", ""),
+    }
+    if ref is not None:
+        texts, ref_prompts = ref
+        cache = _reference_cache_path(inlier_reference, texts, ref_prompts, settings)
+        ref_scores = _read_cache(cache, len(texts))
+        if ref_scores is None:
+            ref_scores = score_texts(model, texts, prompts=ref_prompts, context=context, max_length=max_length,
+                                     batch_size=batch_size, on_progress=progress("reference"))
+            _write_cache(cache, ref_scores)
+        settings["reference_cache"] = str(cache)
+        inl = inlier_share(scores, ref_scores, scale=inlier_scale)
+        for it, flag in zip(m["items"], inl.pop("inlier")):
+            it["inlier"] = flag
+        ref_agg = aggregate(ref_scores)
+        m["aggregate"]["inlier_share"] = inl["inlier_share"]
+        m["inlier"] = {**inl, "reference": str(inlier_reference), "reference_gen_ppl_mean": ref_agg["gen_ppl_mean"],
+                       "reference_gen_ppl_median": ref_agg["gen_ppl_median"]}
+        settings.update(inlier_reference=str(inlier_reference), inlier_scale=inlier_scale)
+    m["settings"]["gen_ppl"] = settings
+
+
+def _reference_cache_path(reference, texts, prompts, settings: dict) -> Path:
+    """REF.genppl-<key>.json beside the reference file: the reference's gen-PPL scores, keyed by the texts, their
+    prompts and the scoring settings (scorer, context, window, dtype), so that scoring many outputs files against
+    one large reference (every row of a table) scores it once."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([texts, prompts, {k: settings[k] for k in
+                                                    ("scorer", "context", "max_length", "scorer_dtype")}]).encode())
+    ref = Path(reference)
+    return ref.with_name(f"{ref.name}.genppl-{h.hexdigest()[:16]}.json")
+
+
+def _read_cache(path: Path, n: int) -> list[dict] | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, list) and len(data) == n else None
+
+
+def _write_cache(path: Path, scores: list[dict]) -> None:
+    from difflm.io import atomic_write_json
+
+    try:
+        atomic_write_json(path, scores, indent=None)
+    except OSError:  # a read-only folder: no cache, nothing else changes
+        pass
