@@ -164,7 +164,7 @@ def _expand(step: Step) -> list[list[str]]:
 
 def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
     n = table.get("needs") or {}
-    out(f"== Table {table['table']}: {table['title']}  ({table['_path']})")
+    out(f"== Table {table['table']}: {table['title']}  ({os.path.relpath(table['_path'])})")
     if tiny:
         out("   CPU smoke run: embedded tiny models, fixtures, a 32-position window (the plumbing, not the paper)")
         return
@@ -185,6 +185,11 @@ def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
         out(f"   judge: {n.get('judge', 'none')}")
     for b in n.get("before") or []:
         out(f"   first: {b}")
+    for role, ov in (table.get("models") or {}).items():  # local models the table expects, not there yet
+        for k in ("model.name", "model.adapter"):
+            v = ov.get(k)
+            if v and str(v).startswith("runs/") and not (ROOT / v).exists() and not Path(v).exists():
+                out(f"   missing ({role}): {v}  (train it first, or MODEL={role}=...)")
 
 
 def run_table(number, *, out_dir: str, models: str | None = None, limit: int | None = None, judge: str | None = None,
@@ -203,8 +208,16 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
     roles = parse_models(models, (table.get("models") or {}).keys())
     print_needs(table, judge, tiny, out)
     with _judge_server(judge) as (jurl, jmodel):
+        preset = None
+        if tiny:  # a tiny random causal Llama stands in for every AR model (references, AR rows, the scorer)
+            ar = Path(out_dir) / "tiny-ar"
+            if not (ar / "config.json").is_file():
+                from difflm.testing import build_tiny_ar
+
+                build_tiny_ar(ar)
+            preset = TinyPreset(ar=str(ar), scorer=str(ar))
         steps = plan(table, out_dir=out_dir, root=ROOT, models=roles, limit=limit, judge=jurl,
-                     judge_model=judge_model or jmodel, tiny=TinyPreset() if tiny else None)
+                     judge_model=judge_model or jmodel, tiny=preset)
         missing = sorted(requirements(steps) - available_features())
         if dry_run:
             for s in steps:

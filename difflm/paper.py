@@ -152,7 +152,8 @@ class TinyPreset:
     min_steps: int = 4
     diffusion: str = "tiny-math"
     diffusion_r2ft: str = "tiny-math-r2ft"
-    #: AR stand-in for the AR rows and the references (a real pre-trained model; the `smollm2` extra)
+    #: AR stand-in for the AR rows and the references: a causal LM folder or name (bench/paper_tables.py --tiny
+    #: builds a tiny random Llama with `difflm.testing.build_tiny_ar`; smollm2 is real but ~50 s per run on 2 cores)
     ar: str = "smollm2-135m-instruct"
     ar_length: int = 16
     data: dict = field(default_factory=lambda: {
@@ -162,6 +163,7 @@ class TinyPreset:
         "mt_bench": "tests/fixtures/paper/mt_bench.jsonl",
         "wiki": None,  # the paper's 504 entities ship inside difflm (branch i17)
     })
+    #: the gen-PPL scorer of tables 6 and 7 (an AR model; the runner passes its tiny AR)
     scorer: str = "smollm2-135m-instruct"
     inlier_source: str = "tests/fixtures/train/alpaca_tiny.jsonl"
     lm_eval: dict = field(default_factory=lambda: {
@@ -249,8 +251,8 @@ def _tiny_overrides(tiny: TinyPreset, flat: Mapping[str, Any], role: str, is_ar:
     path = tiny.data.get(eval_set)
     if path:
         out["data.data_path"] = path
-    if flat.get("data.prompt_format") == "chat" and not is_ar:
-        out["data.prompt_format"] = "raw"  # the embedded models have no chat template
+    if is_ar or flat.get("data.prompt_format") == "chat":
+        out["data.prompt_format"] = "raw"  # the embedded models have no chat template; the tiny AR a short context
     out["batch_size"] = tiny.batch_size
     return out
 
@@ -564,7 +566,8 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
         t = TinyPreset()
         lines += ["**CPU smoke run** (embedded tiny models, fixtures, a 32-position window): the numbers check the "
                   f"plumbing only and say nothing about the paper. Stand-ins: R2FT roles -> `{t.diffusion_r2ft}`, the "
-                  f"other diffusion roles -> `{t.diffusion}`, AR models and references -> `{t.ar}`.", ""]
+                  f"other diffusion roles -> `{t.diffusion}`, AR models, references and the gen-PPL scorer -> a tiny random "
+                  "causal Llama (`difflm.testing.build_tiny_ar`).", ""]
     judge = table["judge"]
     rows = table["rows"]
 
@@ -583,7 +586,7 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                 head += ["LC win % (difflm)", "win % (difflm)"]
                 if table.get("fluency"):
                     head += ["avg length", "len > 0", "inlier share"]
-                head += [f"{c} (paper)" for c in paper_cols]
+                head += [f"{_COL.get(c, c)} (paper)" for c in paper_cols]
             lines += [f"## {es}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             notes = set()
             for r in rows:
@@ -690,6 +693,10 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
     for n in table.get("notes") or []:
         lines.append(f"- {n}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+_COL = {"lc_win_rate": "LC win %", "win_rate": "win %", "avg_length": "avg length", "nonempty_share": "len > 0",
+        "inlier_share": "inlier share", "accuracy": "accuracy %"}
 
 
 def _isnum(s: str) -> bool:
