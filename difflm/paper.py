@@ -675,6 +675,12 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                             cell = [", ".join(f"{k} {_num(x)}" for k, x in esr.items()) if isinstance(esr, Mapping)
                                     else _num(esr), _num(m.get("rstar_recount"))]
                         got[str(v)] = [_num(m.get("items"), 0), *cell]
+                if tiny:  # the smoke run's scaled points -> the paper's points they stand for
+                    rec = load_yaml(Path(table["_path"]).resolve().parents[2] / (r.get("recipe") or table["recipe"]))
+                    flat = _resolved(rec, r.get("set") or {})
+                    t = TinyPreset()
+                    back = {str(t.scale(key, int(pv), _paper_length(flat))): pv for pv in paper}
+                    got = {back.get(k, f"{k} (smoke)"): v for k, v in got.items()}
                 # the paper's points first (their order), then any point the paper has no number for
                 pts = list(paper) + [k for k in sorted(got, key=lambda s: float(s) if _isnum(s) else 0) if k not in paper]
                 for pt in pts:
@@ -682,8 +688,8 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                     lines.append("| " + " | ".join([pt, *vals, paper.get(pt, "unknown")]) + " |")
                 lines.append("")
         if tiny:
-            lines += ["(The smoke run scales the swept values to its 32-position window, so its points are not the "
-                      "paper's: the paper column stays `unknown` for them.)", ""]
+            lines += ["(The smoke run scales the swept values to its 32-position window; each row is labelled with the "
+                      "paper's value it stands for.)", ""]
     om = table.get("omitted") or []
     if om:
         lines += ["## Rows not run", ""]
