@@ -170,6 +170,8 @@ class TinyPreset:
         "include_path": "tests/fixtures/eval/lm_eval", "tasks": "difflm_tiny_gen", "apply_chat_template": False,
     })
     batch_size: int = 2
+    #: keep only the first and last value of each sweep when set to 2 (the test suite's budget); None: all
+    sweep_points: int | None = None
 
     def model(self, role: str, is_ar: bool) -> dict:
         if is_ar:
@@ -341,6 +343,8 @@ def plan(
             if tiny:
                 ov.update(_tiny_overrides(tiny, flat, role, is_ar, es, sweep_key))
                 if values:
+                    if tiny.sweep_points == 2 and len(values) > 2:
+                        values = [values[0], values[-1]]
                     values = [tiny.scale(sweep_key, v, _paper_length(flat)) for v in values]
             if table["judge"] == "lm_eval":
                 steps += _lm_eval_steps(table, r, rec, ov, sweep_key, values, tdir, limit, tiny)
