@@ -201,7 +201,7 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
     if rows:
         unknown = set(rows) - {r["id"] for r in table["rows"]}
         if unknown:
-            raise ConfigError(f"--rows: no row(s) {sorted(unknown)} in table {number}", key="rows")
+            raise ConfigError(f"no row(s) {sorted(unknown)} in table {number}", key="--rows")
         table["rows"] = [r for r in table["rows"] if r["id"] in rows or any(r.get("from_row") == x for x in rows)]
     if eval_sets:
         table["eval_sets"] = [e for e in table["eval_sets"] if e in eval_sets]

@@ -56,7 +56,7 @@ def table_path(table: int | str, root: str | Path = ".") -> Path:
     if s.isdigit():
         n = int(s)
         if n not in TABLES:
-            raise ConfigError(f"no table {n}: the paper's tables are {TABLES[0]}..{TABLES[-1]}", key="table")
+            raise ConfigError(f"no table {n}: the paper's tables are {TABLES[0]}..{TABLES[-1]}", key="--table")
         return Path(root) / "recipes" / "paper" / f"table-{n}.yaml"
     return Path(s)
 
@@ -65,7 +65,7 @@ def load_table(table: int | str, root: str | Path = ".") -> dict:
     """Read and check a table file; returns its mapping (rows keep their order)."""
     path = table_path(table, root)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such table file", key="table")
+        raise ConfigError(f"{path}: no such table file", key="--table")
     spec = load_yaml(path)
     where = str(path)
     unknown = set(spec) - _TOP_KEYS
@@ -112,7 +112,7 @@ def parse_models(text: str | None, roles: Iterable[str]) -> dict[str, dict]:
     def one(v: str) -> dict:
         name, _, adapter = v.partition("+")
         if not name:
-            raise ConfigError(f"MODEL {text!r}: empty model name", key="MODEL")
+            raise ConfigError(f"{text!r}: empty model name", key="MODEL")
         return {"model.name": name, "model.adapter": adapter or None}
 
     if "=" not in text:
@@ -123,7 +123,7 @@ def parse_models(text: str | None, roles: Iterable[str]) -> dict[str, dict]:
         role = role.strip()
         if not eq or role not in roles:
             raise ConfigError(
-                f"MODEL {part!r}: expected ROLE=NAME[+ADAPTER] with ROLE one of {', '.join(roles)}", key="MODEL"
+                f"{part!r}: expected ROLE=NAME[+ADAPTER] with ROLE one of {', '.join(roles)}", key="MODEL"
             )
         out[role] = one(value.strip())
     return out

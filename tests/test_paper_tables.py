@@ -117,6 +117,25 @@ def test_parse_models():
         load_table(11, ROOT)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--table", "11"], "--table: no table 11"),
+    (["--table", "4", "--model", "base=x"], "MODEL: 'base=x': expected ROLE=NAME[+ADAPTER] with ROLE one of sft, r2ft, instruct"),
+    (["--table", "4", "--rows", "nope"], "--rows: no row(s) ['nope'] in table 4"),
+    (["--table", "4", "--limit", "0"], "--limit must be at least 1"),
+])
+def test_runner_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert paper_tables.main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_dry_run_prints_the_needs_and_every_command(capsys):
+    assert paper_tables.main(["--table", "4", "--dry-run", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU:" in out and "hours:" in out and "judge:" in out
+    assert out.count("$ difflm generate") == 8 and out.count("$ difflm eval gsm8k") == 8
+
+
 def test_model_override_and_limit_reach_the_commands():
     steps = _steps(4, models=parse_models("sft=M+runs/my-lora", ["sft", "r2ft", "instruct"]), limit=7)
     sft = next(s for s in steps if s.kind == "generate" and s.row == "sft-conv")
