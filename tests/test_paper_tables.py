@@ -307,3 +307,25 @@ def test_paper_table_smoke_run(n, judge_url, smoke_dir, monkeypatch):
     for ln in lines:
         if ln.startswith("   $ difflm "):
             shlex.split(ln[4:])  # every printed command is a valid shell line
+
+
+def test_recipes_open_with_their_command():
+    for p in sorted((ROOT / "recipes" / "paper").glob("*.yaml")):
+        first = p.read_text().splitlines()[0]
+        want = f"# make paper-table-{p.stem.split('-')[1]}" if p.stem.startswith("table-") else \
+            f"# difflm generate --recipe recipes/paper/{p.name}"
+        assert first.startswith(want), (p.name, first)
+
+
+def test_inlier_reference_keeps_the_non_empty_training_responses(tmp_path):
+    from difflm.paper import write_inlier_reference
+
+    src = tmp_path / "train.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "a", "input": "", "output": "first answer"},
+        {"instruction": "b", "input": "", "output": "  "},
+        {"instruction": "c", "input": "x", "output": "third answer"},
+    ]) + "\n")
+    out = write_inlier_reference(str(src), tmp_path / "inl.json")
+    assert json.loads(out.read_text()) == [{"instruction": "a", "output": "first answer"},
+                                           {"instruction": "c", "output": "third answer"}]
