@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: install browser test test-other-cpus demo bench paper-small clean help
 
 help:
-	@echo "make install | browser | test | test-other-cpus | demo | bench | eval-gsm8k | tiny-llada | tiny-models | paper-small | clean"
+	@echo "make install | browser | test | test-other-cpus | demo | bench | eval-gsm8k | tiny-llada | tiny-models | paper-small | paper-table-N (N 1-10) | clean"
 
 install: $(STAMP)
 
@@ -77,3 +77,4 @@ clean:
 
 include eval.mk
 include tiny.mk
+include paper.mk
