@@ -232,7 +232,7 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
         ids = model.ids
 
         def step_callback(ev: dict) -> None:
-            gen = ev["x"][0].tolist()[-cfg.decode.gen_length :]
+            gen = ev["x"][0, ev["prompt_length"] :].tolist()  # the answer (total_length: its canvas minus the prompt)
             cells = [(None if t == ids.mask_id else model.tokenizer.decode([t]), t in ids.stop_ids) for t in gen]
             live_view.update(canvas_panel(cells, f"step {ev['step']}  NFE {ev['nfe']}"))
 

@@ -203,9 +203,11 @@ def test_leading_eos_goes_right_before_each_prompt(llama):
     cfg = DecodeConfig(method="topk", total_length=10, steps=4, top_k=2, leading_eos=True)
     ids = torch.tensor([[1, 2, 3, 4], [PAD, PAD, 5, 6]])
     am = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
-    seen = Counting(llama)
-    out = generate(seen, ids, cfg, mask_id=MASK, eos_id=EOS, attention_mask=am)
-    assert out.prompt_length == 5
+    seen, events = Counting(llama), []
+    out = generate(seen, ids, cfg, mask_id=MASK, eos_id=EOS, attention_mask=am, callback=events.append)
+    assert out.prompt_length == 5 and out.sequences.shape == (2, 5 + 10 - 3)
+    # the step events show the merged canvas, its answers from prompt_length on (a live view reads them there)
+    assert events and all(ev["prompt_length"] == 5 and ev["x"].shape == (2, 12) for ev in events)
     assert out.sequences[0, :5].tolist() == [EOS, 1, 2, 3, 4]
     assert out.sequences[1, :5].tolist()[2:] == [EOS, 5, 6]
     # the model saw x_T = [EOS] + prompt + masks: L positions, no padding (rows of one prompt length decode together)
@@ -285,3 +287,15 @@ def test_cli_total_length_leaving_no_room_exits_2_with_one_line(tiny_llada_dir):
     assert res.exit_code == 2, res.output
     assert "total_length" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_cli_total_length_with_leading_eos_and_the_live_view(tiny_llada_dir):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["generate", "-m", str(tiny_llada_dir), "-p", "the cat", "--prompt-format", "raw",
+                                   "--total-length", "12", "--leading-eos", "--steps", "4", "--decode", "topk",
+                                   "--live", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "prompt-0" in res.output

@@ -94,7 +94,8 @@ def generate(
 
     mask_id / eos_id / eot_id default to `model.ids` when the model is a `DiffusionLM`. `row_seeds` gives
     each row its own noise (default: derived from `config.seed` and the row index). `callback(event)` is
-    called after every step with {"step", "nfe", "x"} (x: the full current sequences), e.g. for a live view.
+    called after every step with {"step", "nfe", "x", "prompt_length"} (x: the full current sequences, its answers
+    from column prompt_length on), e.g. for a live view.
     `cancelled()`, asked before every step, gives one flag per row: a flagged row stops decoding (it leaves
     the forward pass and draws no more noise, as a finished row does, so the other rows' outputs do not
     change); its remaining masked positions become EOS. Diffusion decoders only.
@@ -208,7 +209,7 @@ def _generate_total(model, input_ids, attention_mask, config, mask_id, eos_id, e
 
         def show(ev, idx=idx, span=span):
             seq[idx, span] = ev["x"]
-            callback({**ev, "x": seq})
+            callback({**ev, "x": seq, "prompt_length": plen})
 
         def stop(rows=rows):
             flags = cancelled()
@@ -426,7 +427,7 @@ class _Decoder:
     def notify(self) -> None:
         self.step += 1
         if self.callback is not None:
-            self.callback({"step": self.step, "nfe": self.nfe, "x": self.x})
+            self.callback({"step": self.step, "nfe": self.nfe, "x": self.x, "prompt_length": self.plen})
 
     # -- methods -----------------------------------------------------------------------------------
     def run(self) -> GenerateOutput:
