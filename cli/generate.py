@@ -154,7 +154,7 @@ def generate(
     data_path: Annotated[Optional[str], option("--data-path", help="Local copy of the eval set.", panel=_I)] = None,
     limit: Annotated[Optional[int], option("--limit", help="First N items.", panel=_I)] = None,
     prompt_format: Annotated[
-        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat|raw", panel=_I)
+        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|paper-cot|chat|raw", panel=_I)
     ] = None,
     # output
     output: Annotated[Optional[str], option("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,
