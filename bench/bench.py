@@ -250,6 +250,7 @@ def run_once(spec: Spec, timed: TimedModel, prompt: torch.Tensor, gen_length: in
             method=spec.method, gen_length=gen_length, steps=spec.steps, block_length=spec.block_length,
             kernel_size=spec.kernel_size, top_k=spec.top_k, threshold=spec.threshold, temperature=spec.temperature,
             cache=spec.cache, seed=seed,
+            forward_reuse=False,  # one forward per step, as the reference loops: per-step costs stay comparable
         )
         state = {}
 

@@ -158,7 +158,7 @@ def generate(
                               panel=_I)
     ] = None,
     prompt_format: Annotated[
-        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|chat (template; alpaca if none)|raw", panel=_I)
+        Optional[str], option("--prompt-format", help="alpaca|alpaca-cot|paper-cot|chat (template; alpaca if none)|raw", panel=_I)
     ] = None,
     # output
     output: Annotated[Optional[str], option("--output", "-o", help="Output JSON (+ .manifest.json).", panel=_O)] = None,
@@ -256,7 +256,7 @@ def _run(cfg, *, live: bool, quiet: bool, run_generate) -> None:
         ids = model.ids
 
         def step_callback(ev: dict) -> None:
-            gen = ev["x"][0].tolist()[-cfg.decode.gen_length :]
+            gen = ev["x"][0, ev["prompt_length"] :].tolist()  # the answer (total_length: its canvas minus the prompt)
             cells = [(None if t == ids.mask_id else model.tokenizer.decode([t]), t in ids.stop_ids) for t in gen]
             live_view.update(canvas_panel(cells, f"step {ev['step']}  NFE {ev['nfe']}"))
 

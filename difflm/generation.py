@@ -182,9 +182,13 @@ def iter_batches(
             raise ConfigError(f"item {it['id']}: the prompt is empty", key="data")
         encoded.append(Item(i, it, ids))
     encoded.sort(key=lambda e: (len(e.prompt_ids), e.index))
+    if cfg.total_length is not None:  # every prompt leaves room in the canvas: checked before any decoding
+        from difflm.decoding.loop import check_total_length
+
+        lengths = sorted({len(e.prompt_ids) + int(cfg.leading_eos) for e in encoded})
+        check_total_length(cfg, lengths, getattr(model, "max_length", None))
     pad = model.ids.pad_or_eos
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+    for batch in _batches(encoded, batch_size, same_length=cfg.total_length is not None):
         ids, am = left_pad([e.prompt_ids for e in batch], pad, model.device)
         seeds = [item_seed(cfg.seed, str(e.record["id"])) for e in batch]
         t0 = time.perf_counter()
@@ -193,6 +197,7 @@ def iter_batches(
             torch.cuda.synchronize(model.device)
         seconds = time.perf_counter() - t0
         records = []
+        events = out.unmask_events.tolist() if out.unmask_events is not None else [None] * len(batch)
         for row, e in enumerate(batch):
             text, n = decode_output(model, out.sequences[row, out.prompt_length :].tolist())
             rec = dict(e.record)
@@ -204,9 +209,43 @@ def iter_batches(
                 nfe=out.nfe,
                 filled=int(out.filled[row]),
                 seconds=seconds / len(batch),
+                **sample_rate(events[row], cfg, out.nfe),
+                forward_steps=out.forward_steps,
+                reused_steps=out.reused_steps,
             )
             records.append(rec)
         yield records
+
+
+def _batches(encoded: list[Item], batch_size: int, same_length: bool) -> Iterator[list[Item]]:
+    """Consecutive batches of the length-sorted items; with `total_length` (same_length) a batch also ends where the
+    prompt length changes: each row's answer is total_length - its prompt, and `generate` decodes rows of different
+    prompt lengths as separate batches anyway (`difflm.decoding.loop._generate_total`), so every item's nfe and
+    forward steps are its own batch's."""
+    batch: list[Item] = []
+    for e in encoded:
+        if batch and (len(batch) == batch_size or (same_length and len(e.prompt_ids) != len(batch[0].prompt_ids))):
+            yield batch
+            batch = []
+        batch.append(e)
+    if batch:
+        yield batch
+
+
+def sample_rate(events: int | None, cfg: DecodeConfig, nfe: int) -> dict:
+    """A record's `unmask_events` (L*: every MASK -> token change, re-unmasks after remasking included) and the
+    effective sample rate r* = L*/S of the paper's Table 10, with S = the steps (`effective_sample_rate`; for the
+    autoregressive methods a step is a forward pass) and with S = the forward passes (`effective_sample_rate_nfe`)."""
+    if events is None:
+        return {}
+    from difflm.decoding.config import AR_METHODS
+
+    steps = nfe if cfg.method in AR_METHODS else cfg.steps
+    return {
+        "unmask_events": int(events),
+        "effective_sample_rate": events / steps if steps else None,
+        "effective_sample_rate_nfe": events / nfe if nfe else None,
+    }
 
 
 def generate_text(model, prompts: list[str], cfg: DecodeConfig, prompt_format: str = "raw", batch_size: int = 8) -> list[str]:
@@ -287,6 +326,7 @@ def manifest(recipe: GenerateRecipe, model, records: list[dict], started: str) -
 
     content = sum(r.get("content_tokens", 0) for r in records)
     nfe = sum(r.get("nfe", 0) for r in records)
+    counted = [r for r in records if r.get("unmask_events") is not None]  # records of older versions have none
     seconds = sum(r.get("seconds", 0.0) for r in records)
     return {
         "model": recipe.model.name,
@@ -306,6 +346,15 @@ def manifest(recipe: GenerateRecipe, model, records: list[dict], started: str) -
         "content_tokens": content,
         "content_tokens_per_nfe": content / max(1, nfe),
         "filled_positions": sum(r.get("filled", 0) for r in records),
+        # r* = L*/S (Table 10): L* = MASK -> token changes per item (remasked positions count again when re-unmasked)
+        "unmask_events_mean": _mean([r["unmask_events"] for r in counted]),
+        "effective_sample_rate": _mean([r["effective_sample_rate"] for r in counted]),  # S = steps
+        "effective_sample_rate_nfe": (  # S = forward passes
+            sum(r["unmask_events"] for r in counted) / max(1, sum(r.get("nfe", 0) for r in counted)) if counted else None
+        ),
+        # S* (Table 5): forward passes actually made per item; reused: steps whose input had not changed
+        "s_star": _mean([r["forward_steps"] for r in records if "forward_steps" in r]),
+        "reused_steps_mean": _mean([r["reused_steps"] for r in records if "reused_steps" in r]),
         "decode_seconds": seconds,
         "tokens_per_second": content / seconds if seconds > 0 else None,
         "started": started,
@@ -317,6 +366,11 @@ def manifest(recipe: GenerateRecipe, model, records: list[dict], started: str) -
             "python": sys.version.split()[0],
         },
     }
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def prepare_output(recipe: GenerateRecipe, dist: Dist) -> set[str]:

@@ -822,7 +822,9 @@ def test_cfg_runs_two_passes_per_step_and_changes_the_tokens(method):
     for w in (0.0, 1.0):
         model = GuidedCounting()
         out = generate(model, torch.tensor([[2]]), DecodeConfig(cfg_scale=w, **kw), mask_id=MASK, eos_id=EOS)
-        assert out.nfe == (2 if w else 1) * len(model.calls) == (2 if w else 1) * out.steps_run
+        # a step whose input did not change reuses the last logits (forward_reuse): nfe counts the real passes
+        assert out.nfe == (2 if w else 1) * len(model.calls) == (2 if w else 1) * out.forward_steps
+        assert out.forward_steps + out.reused_steps == out.steps_run
         assert all(c == (2 if w else 1) for c in model.calls)  # cond + uncond copies in one pass
         if method in ("llada", "llada_conv"):
             assert out.steps_run == 4

@@ -212,7 +212,10 @@ def test_dream_greedy_equals_dreams_own_diffusion_generate(dream, ref, settings)
                 cfg = DecodeConfig(method="dream", alg=alg, steps=steps, gen_length=16, eps=s["eps"],
                                    mask_in_softmax=not subs)
                 out = generate(dream, ids, cfg, attention_mask=mask)
-                assert out.nfe == steps
+                # a step whose int() count is 0 commits nothing: the next one reuses its logits (forward_reuse)
+                assert out.nfe == out.forward_steps and out.forward_steps + out.reused_steps == steps
+                # r*: every answer position is committed by a step, once (no remasking, no final fill)
+                assert out.unmask_events.tolist() == [16, 16, 16], (alg, steps, out.unmask_events)
                 for i in range(3):
                     want = ref[f"dream_{alg}_steps{steps}_prompt_{i}"]
                     got = out.sequences[i, ids.shape[1]:]

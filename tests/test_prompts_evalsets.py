@@ -48,9 +48,20 @@ def test_chat_needs_tokenizer_and_unknown_format():
     seen = []
     assert format_prompt("Hi", "there", fmt="chat", chat_fn=lambda m: seen.append(m) or "X") == "X"
     assert seen == [[{"role": "user", "content": "Hi\n\nthere"}]]
-    with pytest.raises(ConfigError, match="alpaca, alpaca-cot, raw, chat"):
+    with pytest.raises(ConfigError, match="alpaca, alpaca-cot, paper-cot, raw, chat"):
         format_prompt("Hi", fmt="vicuna")
-    assert PROMPT_FORMATS == ("alpaca", "alpaca-cot", "raw", "chat")
+    assert PROMPT_FORMATS == ("alpaca", "alpaca-cot", "paper-cot", "raw", "chat")
+
+
+def test_paper_cot_exact():
+    """The paper's CoT template (Appendix E, Tables 6-7), character for character as the authors' code writes it:
+    alpaca's second sentence replaced, the instruction itself untouched (unlike alpaca-cot)."""
+    paper = ("Below is an instruction that describes a task. Think through the problem carefully, explaining in "
+             "detail before arriving at the final answer.\n\n### Instruction:\nWho is Larry Page?\n\n### Response:\n")
+    assert format_prompt("Who is Larry Page?", fmt="paper-cot") == paper
+    assert format_prompt("Who is Larry Page?", "  ", fmt="paper-cot") == paper
+    assert format_prompt("Q?", "ctx", fmt="paper-cot").endswith("### Instruction:\nQ?\n\nctx\n\n### Response:\n")
+    assert "Let's think step by step." not in paper and not paper.startswith(HEAD)
 
 
 class CharTokenizer:

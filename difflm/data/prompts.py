@@ -16,7 +16,13 @@ Formats (`PROMPT_FORMATS`):
   The ``{input}`` block (the input and a blank line) appears only when the input is non-blank.
   Training appends the answer right after ``### Response:\\n``.
 - ``alpaca-cot``: ``alpaca`` with the instruction followed by ``"\\nLet's think step by step."``
-  (chain-of-thought prompting, e.g. for GSM8K).
+  (zero-shot chain-of-thought prompting, e.g. for GSM8K; difflm's own, not the paper's).
+- ``paper-cot``: the CoT template of the paper's Appendix E (Tables 6-7): ``alpaca`` with its second
+  sentence ("Write a response that appropriately completes the request.") replaced by "Think through the
+  problem carefully, explaining in detail before arriving at the final answer."; the instruction and the
+  response header are unchanged, nothing is appended to the instruction. The text is the one of the
+  authors' code (github.com/ybseo-ac/Conv, ``answer_generation/answer_tool.py``, commit 4beb487); the copy of
+  the paper read for this states the CoT instruction but does not print the whole template. A non-blank input is placed as in ``alpaca`` (the authors' code has instructions only).
 - ``raw``: the instruction as is; a non-blank input follows on a new line.
 - ``chat``: the tokenizer's chat template on one user message (the instruction, then a blank line
   and the input when non-blank), with the assistant header appended. It needs the tokenizer:
@@ -33,6 +39,7 @@ from difflm.errors import ConfigError
 __all__ = [
     "ALPACA_TEMPLATE",
     "COT_SUFFIX",
+    "PAPER_COT_TEMPLATE",
     "PROMPT_FORMATS",
     "chat_messages",
     "conversation_ids",
@@ -49,7 +56,13 @@ ALPACA_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 COT_SUFFIX = "\nLet's think step by step."
-PROMPT_FORMATS = ("alpaca", "alpaca-cot", "raw", "chat")
+#: the paper's CoT template (Appendix E; the authors' generation code): alpaca with another second sentence
+PAPER_COT_TEMPLATE = (
+    "Below is an instruction that describes a task. "
+    "Think through the problem carefully, explaining in detail before arriving at the final answer.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+PROMPT_FORMATS = ("alpaca", "alpaca-cot", "paper-cot", "raw", "chat")
 
 Messages = list[dict[str, str]]
 
@@ -96,7 +109,8 @@ def format_prompt(
     if fmt == "alpaca-cot":
         instruction = instruction + COT_SUFFIX
     input_block = f"{input}\n\n" if _has_input(input) else ""
-    return ALPACA_TEMPLATE.format(instruction=instruction, input_block=input_block)
+    template = PAPER_COT_TEMPLATE if fmt == "paper-cot" else ALPACA_TEMPLATE
+    return template.format(instruction=instruction, input_block=input_block)
 
 
 def encode_prompt(

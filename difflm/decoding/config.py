@@ -85,6 +85,14 @@ class DecodeConfig:
     suppress_tokens: list[int] | None = field(
         default=None, metadata={"help": "Ids committed last by confidence decoders (e.g. EOS, EOT).", "min": 0}
     )
+    #: the canvas length L including the prompt (the paper's main setting); None: prompt + gen_length
+    total_length: int | None = field(
+        default=None, metadata={"help": "Canvas incl. prompt (answer = L - prompt; overrides gen_length).", "min": 2}
+    )
+    #: x_T = [EOS] + prompt + masks, as the paper's code builds it (README.md, "Total length")
+    leading_eos: bool = field(default=False, metadata={"help": "EOS before the prompt (the paper's x_T)."})
+    #: reuse the last logits when the canvas did not change since the last forward (exact; README.md)
+    forward_reuse: bool = field(default=True, metadata={"help": "Skip the forward when nothing changed (exact)."})
 
     # ----------------------------------------------------------------------------------------------
     def validate(self, prompt_length: int | None = None, max_length: int | None = None) -> None:
@@ -98,7 +106,8 @@ class DecodeConfig:
         check_field_metadata(self)
         m = self.method
         block = self.block_length or self.gen_length
-        if m in BLOCK_METHODS:
+        total = self.total_length is not None  # the answer length is then each prompt's own (checked per prompt)
+        if m in BLOCK_METHODS and not total:
             if self.gen_length % block:
                 raise ConfigError(
                     f"gen_length {self.gen_length} is not a multiple of block_length {block}", key="block_length"
@@ -110,12 +119,12 @@ class DecodeConfig:
                     f"(gen_length {self.gen_length} / block_length {block})",
                     key="steps",
                 )
-        if m in ("llada", "llada_conv") and self.steps > self.gen_length:
+        if m in ("llada", "llada_conv") and self.steps > self.gen_length and not total:
             raise ConfigError(
                 f"steps {self.steps} > gen_length {self.gen_length}: {m} commits at least one token per step",
                 key="steps",
             )
-        if m == "semi_ar" and self.steps < self.gen_length // block:
+        if m == "semi_ar" and self.steps < self.gen_length // block and not total:
             raise ConfigError("semi_ar needs at least one step per block", key="steps")
         if REGISTRY[m].remdm:
             if not self.t_off < self.t_on:
@@ -158,7 +167,20 @@ class DecodeConfig:
                 raise ConfigError(f"cache works with the block methods {', '.join(BLOCK_METHODS)}, not {m}", key="cache")
             if self.cfg_scale > 0:
                 raise ConfigError("cache cannot be combined with cfg_scale > 0", key="cache")
-        if prompt_length is not None and max_length is not None and prompt_length + self.gen_length > max_length:
+        if total:
+            if max_length is not None and self.total_length > max_length:
+                raise ConfigError(
+                    f"total_length {self.total_length} exceeds the model's context of {max_length} tokens",
+                    key="total_length",
+                )
+            if prompt_length is not None and prompt_length >= self.total_length:
+                raise ConfigError(
+                    f"a prompt of {prompt_length} tokens leaves no room in total_length {self.total_length} "
+                    f"(the canvas includes the prompt{' and the leading EOS' if self.leading_eos else ''}; "
+                    "allowed: a total_length above the longest prompt)",
+                    key="total_length",
+                )
+        elif prompt_length is not None and max_length is not None and prompt_length + self.gen_length > max_length:
             raise ConfigError(
                 f"prompt ({prompt_length} tokens) + gen_length ({self.gen_length}) exceeds the model's context "
                 f"of {max_length} tokens",
@@ -176,6 +198,12 @@ class DecodeConfig:
         if self.top_p is not None:
             return float(self.top_p)
         return 0.95 if self.method in AR_METHODS else 1.0
+
+    def answer_blocks(self, answer_length: int) -> int:
+        """The blocks of an answer of `answer_length` positions (block methods): blocks of `block_length` from
+        the answer's start, the last one shorter when the length is not a multiple (only with `total_length`)."""
+        block = self.block_length or answer_length
+        return -(-answer_length // block)
 
     def effective_block_length(self) -> int:
         return self.block_length or self.gen_length

@@ -175,5 +175,6 @@ def run_dream(d) -> None:
             k = min(transfer_count(pos.numel(), t, s, last), pos.numel())
             pick = select(conf, k, cfg.alg_temp, gen)
             new[r, pos[pick]] = x0[pick]
+        d.unmask_events += ((d.gen == d.mask_id) & (new != d.mask_id)).sum(1)  # r*: this step's commits
         d.set_gen(new)
         d.notify()

@@ -8,6 +8,7 @@ from its own generator, so a row's output depends only on its seed, prompt and s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -40,6 +41,11 @@ class GenerateOutput:
     filled: torch.Tensor  #: LongTensor [B]: positions still masked at the end, filled by argmax
     steps_run: int  #: denoising steps actually run (can be < steps with EOS fill)
     row_passes: int = 0  #: sequences run through the model, summed over passes (finished rows skip passes)
+    #: LongTensor [B]: every MASK -> token change of the row's answer (re-unmasks after ReMDM's remasking
+    #: included, the final argmax fill included, EOS fill's rule not): L* of the paper's r* = L*/S (Table 10)
+    unmask_events: torch.Tensor | None = None
+    forward_steps: int = 0  #: steps that called the model: the paper's S* (a cfg step counts once; nfe counts 2)
+    reused_steps: int = 0  #: steps that reused the previous step's logits (nothing changed since: `forward_reuse`)
 
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
@@ -89,7 +95,8 @@ def generate(
 
     mask_id / eos_id / eot_id default to `model.ids` when the model is a `DiffusionLM`. `row_seeds` gives
     each row its own noise (default: derived from `config.seed` and the row index). `callback(event)` is
-    called after every step with {"step", "nfe", "x"} (x: the full current sequences), e.g. for a live view.
+    called after every step with {"step", "nfe", "x", "prompt_length"} (x: the full current sequences, its answers
+    from column prompt_length on), e.g. for a live view.
     `cancelled()`, asked before every step, gives one flag per row: a flagged row stops decoding (it leaves
     the forward pass and draws no more noise, as a finished row does, so the other rows' outputs do not
     change); its remaining masked positions become EOS. Diffusion decoders only.
@@ -105,6 +112,8 @@ def generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask)[None]
+    if config.leading_eos:  # x_T = [EOS] + prompt (+ masks): the EOS goes right before each row's first real token
+        input_ids, attention_mask = _prepend_eos(input_ids, attention_mask, eos_id)
     bsz, plen = input_ids.shape
     config.validate(prompt_length=plen, max_length=max_length or getattr(model, "max_length", None))
     device = input_ids.device
@@ -116,12 +125,108 @@ def generate(
         attention_mask = torch.as_tensor(attention_mask, device=device).long()
         if bool((attention_mask == 1).all()):
             attention_mask = None
+    if config.total_length is not None:
+        return _generate_total(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback,
+                               cancelled)
+    return _generate_rows(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback,
+                          cancelled)
+
+
+def _generate_rows(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback, cancelled):
+    """One batch, one answer length (`config.gen_length`) for every row."""
     if REGISTRY[config.method].kind == "ar":
         return _generate_ar(model, input_ids, attention_mask, config, eos_id, eot_id, row_seeds)
     if mask_id is None:
         raise ConfigError("mask_id is required for diffusion decoding", key="mask_id")
     return _Decoder(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback,
                     cancelled).run()
+
+
+def _prepend_eos(input_ids: torch.Tensor, attention_mask, eos_id: int):
+    """[pad | prompt] -> [pad | EOS prompt], one column wider: the EOS right before each row's first real token
+    (left padding), so x_T = [EOS] + prompt + masks as the paper's code builds it."""
+    bsz, plen = input_ids.shape
+    if attention_mask is None:
+        col = torch.full((bsz, 1), eos_id, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([col, input_ids], 1), None
+    am = torch.as_tensor(attention_mask, device=input_ids.device).long()
+    ids = torch.cat([input_ids[:, :1], input_ids], 1)  # the padding moves one column left (its first column copied)
+    am = torch.cat([torch.zeros_like(am[:, :1]), am], 1)
+    at = (plen - am.sum(1)).unsqueeze(1)  # the column of the EOS: the row's padding count
+    ids.scatter_(1, at, eos_id)
+    am.scatter_(1, at, 1)
+    return ids, am
+
+
+def check_total_length(config: DecodeConfig, prompt_lengths: Sequence[int], max_length: int | None = None) -> None:
+    """With `total_length`: raise ConfigError (one line) unless every prompt (its length with the leading EOS when
+    `leading_eos`) leaves room in the canvas and a block method has a step per block of each answer length
+    (the answer of a p-token prompt has total_length - p positions). `difflm generate` checks every item before
+    decoding any; `generate` checks its batch."""
+    if config.total_length is None or not prompt_lengths:
+        return
+    config.validate(prompt_length=max(prompt_lengths), max_length=max_length)
+    if REGISTRY[config.method].blocks and config.method != "threshold":
+        prompt = min(prompt_lengths)  # the longest answer has the most blocks
+        answer = config.total_length - prompt
+        n_blocks = config.answer_blocks(answer)
+        if config.steps < n_blocks:
+            raise ConfigError(
+                f"steps {config.steps} < the {n_blocks} blocks of the answer of a {prompt}-token prompt "
+                f"(total_length {config.total_length} - {prompt} = {answer} positions, block_length "
+                f"{config.block_length or answer}); allowed: steps >= {n_blocks}",
+                key="steps",
+            )
+
+
+def _generate_total(model, input_ids, attention_mask, config, mask_id, eos_id, eot_id, row_seeds, callback, cancelled):
+    """`total_length` L: each row's canvas is L positions including its prompt, so its answer has L - p_i positions.
+
+    Rows are decoded in groups of equal prompt length, each group as its own batch without padding, so a row decodes
+    as it would alone (its noise, its answer length and its blocks do not depend on the other prompts of the batch).
+    The merged output keeps the left-padded layout of a plain batch: row i is [padding | prompt_i | answer_i (L - p_i) |
+    EOS x (p_i - p_min)], `prompt_length` is the padded prompt width P, so `sequences[:, P:]` is each answer followed
+    by EOS (cut at the first EOS like every answer). nfe, row_passes, forward and reused steps are summed over the
+    groups; steps_run is the largest. The callback sees the merged canvas; `step` restarts with each group."""
+    L = config.total_length
+    bsz, plen = input_ids.shape
+    lengths = [plen] * bsz if attention_mask is None else [int(n) for n in attention_mask.sum(1).tolist()]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    check_total_length(config, list(groups))  # every group's settings, before any decoding
+    width = plen + L - min(groups)
+    device = input_ids.device
+    seq = torch.full((bsz, width), eos_id, dtype=input_ids.dtype, device=device)
+    seq[:, :plen] = input_ids
+    for n, rows in groups.items():
+        seq[rows, plen : plen + L - n] = mask_id if mask_id is not None else eos_id
+    filled = torch.zeros(bsz, dtype=torch.long, device=device)
+    events = torch.zeros(bsz, dtype=torch.long, device=device)
+    nfe = passes = steps_run = forward_steps = reused = 0
+    for n, rows in sorted(groups.items()):
+        idx = torch.tensor(rows, device=device)
+        span = slice(plen - n, plen - n + L)
+
+        def show(ev, idx=idx, span=span):
+            seq[idx, span] = ev["x"]
+            callback({**ev, "x": seq, "prompt_length": plen})
+
+        def stop(rows=rows):
+            flags = cancelled()
+            return [flags[i] for i in rows]
+
+        cfg = dataclasses.replace(config, gen_length=L - n, total_length=None, leading_eos=False)
+        out = _generate_rows(model, input_ids[idx, plen - n :], None, cfg, mask_id, eos_id, eot_id,
+                             [row_seeds[i] for i in rows], None if callback is None else show,
+                             None if cancelled is None else stop)
+        seq[idx, span] = out.sequences
+        filled[idx] = out.filled
+        if out.unmask_events is not None:
+            events[idx] = out.unmask_events
+        nfe, passes, steps_run = nfe + out.nfe, passes + out.row_passes, max(steps_run, out.steps_run)
+        forward_steps, reused = forward_steps + out.forward_steps, reused + out.reused_steps
+    return GenerateOutput(seq, nfe, plen, filled, steps_run, passes, events, forward_steps, reused)
 
 
 class _Decoder:
@@ -158,6 +263,15 @@ class _Decoder:
         self.logits_from = 0  # `forward` returns the logits of generated positions logits_from.. only
         self.cancelled: Callable[[], Sequence[bool]] | None = cancelled  # see `generate`
         self.dropped: set[int] = set()  # rows stopped by `cancelled`
+        self.unmask_events = torch.zeros(bsz, dtype=torch.long, device=device)  # per row, on the device (r*)
+        # exact forward reuse: the model's input is the canvas (and the rows and positions asked for), never t; when
+        # none of them changed since the last forward, its logits are what the model would return again
+        self.reuse = cfg.forward_reuse and self.kv is None
+        self.seen: torch.Tensor | None = None  # the canvas the last forward saw
+        self.seen_key = None  # (rows run, logits_from) of the last forward
+        self.same = False  # set before a step: the canvas equals `seen` (read in the step's one host sync)
+        self.forward_steps = 0
+        self.reused_steps = 0
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -165,6 +279,7 @@ class _Decoder:
         return self.x[:, self.plen :]
 
     def set_gen(self, new: torch.Tensor) -> None:
+        self.same = False  # the canvas changes: a reuse check made before does not hold any more
         if self.cfg.eos_fill:
             new = S.eos_fill(new, self.mask_id, self.stop_ids, self.eos_id)
         self.x[:, self.plen :] = new
@@ -178,7 +293,14 @@ class _Decoder:
         through the model: their logits rows keep the previous step's values, which nothing reads."""
         cfg, rows = self.cfg, self.rows
         if self.kv is not None:
+            self.forward_steps += 1
             return self.forward_cached()
+        key = (None if rows is None else tuple(self.active), self.logits_from)
+        same, self.same = self.same, False
+        if same and key == self.seen_key and self.last_logits is not None:
+            self.reused_steps += 1  # nothing changed since the last forward: its logits, no model call
+            return self.last_logits
+        self.forward_steps += 1
         x = self.x if rows is None else self.x[rows]
         attn = self.attn if rows is None or self.attn is None else self.attn[rows]
         if cfg.cfg_scale > 0:
@@ -205,6 +327,12 @@ class _Decoder:
             buf[rows] = logits
             logits = buf
         self.last_logits = logits
+        if self.reuse:
+            if self.seen is None or self.seen.shape != self.x.shape:
+                self.seen = self.x.clone()
+            else:
+                self.seen.copy_(self.x)
+            self.seen_key = key
         return logits
 
     def call_model(self, x: torch.Tensor, attn: torch.Tensor | None) -> torch.Tensor:
@@ -230,11 +358,23 @@ class _Decoder:
         first: a list to receive each row's first region position (region.shape[1]: none), in the same sync."""
         if self.cancelled is not None:
             self.cancel_rows(region)
+        # forward reuse: whether the canvas equals the last forward's, read in the same sync
+        check = self.reuse and self.seen is not None
         if first is None:
-            self.active = S.active_rows(region)
+            if check:
+                has, same = torch.stack([region.any(1), (self.x == self.seen).all(1)]).tolist()
+                self.active, self.same = has, all(same)
+            else:
+                self.active = S.active_rows(region)
         else:
             has = region.any(1)
-            first[:] = torch.where(has, region.int().argmax(1), region.shape[1]).tolist()
+            pos = torch.where(has, region.int().argmax(1), region.shape[1])
+            if check:
+                got, same = torch.stack([pos, (self.x == self.seen).all(1).long()]).tolist()
+                self.same = all(same)
+            else:
+                got = pos.tolist()
+            first[:] = got
             self.active = [f < region.shape[1] for f in first]
         n = sum(self.active)
         if n == len(self.active) or self.kv is not None:
@@ -289,7 +429,7 @@ class _Decoder:
     def notify(self) -> None:
         self.step += 1
         if self.callback is not None:
-            self.callback({"step": self.step, "nfe": self.nfe, "x": self.x})
+            self.callback({"step": self.step, "nfe": self.nfe, "x": self.x, "prompt_length": self.plen})
 
     # -- methods -----------------------------------------------------------------------------------
     def run(self) -> GenerateOutput:
@@ -297,7 +437,8 @@ class _Decoder:
             raise ConfigError(f"method {self.method.name!r} has no decoder", key="method")
         self.method.runner(self)  # `difflm.decoding.methods`: one runner per method
         filled = self.fill(self.whole())
-        return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step, self.row_passes)
+        return GenerateOutput(self.x, self.nfe, self.plen, filled, self.step, self.row_passes, self.unmask_events,
+                              self.forward_steps, self.reused_steps)
 
     def fill(self, window: torch.Tensor) -> torch.Tensor:
         """Positions of `window` still masked take the argmax of the last prediction (no extra NFE)."""
@@ -308,10 +449,13 @@ class _Decoder:
                 self.forward()
             lo = self.logits_from
             self.put(lo, torch.where(left[:, lo:], self.last_logits.argmax(-1), self.gen[:, lo:]))
-        return left.sum(1)
+        n = left.sum(1)
+        self.unmask_events += n
+        return n
 
     def put(self, lo: int, part: torch.Tensor) -> None:
         """The generated positions lo.. become `part` (EOS fill applied to the whole answer)."""
+        self.same = False
         if self.cfg.eos_fill or lo == 0:
             new = self.gen.clone() if lo else part
             if lo:
@@ -322,13 +466,14 @@ class _Decoder:
 
     def run_blocks(self, inner) -> None:
         block = self.cfg.effective_block_length()
-        n_blocks = self.L // block
-        per_block = self.cfg.steps // n_blocks
+        n_blocks = self.cfg.answer_blocks(self.L)  # L / block; with total_length the last block may be shorter
+        per_block, extra = divmod(self.cfg.steps, n_blocks)  # extra > 0 only with total_length: to the first blocks
         for bi in range(n_blocks):
-            self.block, self.since_refresh = (bi * block, (bi + 1) * block), None
+            lo, hi = bi * block, min((bi + 1) * block, self.L)
+            self.block, self.since_refresh = (lo, hi), None
             window = torch.zeros_like(self.gen, dtype=torch.bool)
-            window[:, bi * block : (bi + 1) * block] = True
-            inner(window, per_block)
+            window[:, lo:hi] = True
+            inner(window, per_block + (1 if bi < extra else 0))
             if self.method.kind == "mass":  # semi_ar: a block is finished before the next starts
                 self.fill(window)
 
@@ -344,10 +489,11 @@ class _Decoder:
             a, b, remask = _schedule_weights(cfg, ts[i], ts[i + 1])
             s_conv = self.conv_scales()
             old = self.gen.clone()
-            new, _ = S.mass_step(
+            new, unmasked = S.mass_step(
                 logits, old, region, a, b, top_k=top_k, temperature=self.temperature, gens=self.gens, s_conv=s_conv,
                 active=self.active,
             )
+            self.unmask_events += unmasked.sum(1)
             if remask > 0:  # ReMDM loop: decoded answer tokens go back to MASK with probability eta
                 u = S._rand(self.gens, (self.L,), old.device, active=self.active)  # finished rows stay finished
                 back = (old != self.mask_id) & window & (u < remask)
@@ -407,12 +553,14 @@ class _Decoder:
                     counts = schedule[:, i] if tau is None else None
                     vals = S.greedy_commit_at(logits, rows, cols, self.mask_id, counts=counts, kmax=k, per_row=per_row,
                                               tau=tau, scale=scale)
+                    self.unmask_events.index_add_(0, rows, (vals != self.mask_id).long())
                     if cfg.eos_fill:
                         new = self.gen.clone()
                         new[:, lo:][rows, cols] = vals
                         self.set_gen(new)
                     else:  # committing MASK at a masked position changes nothing
                         self.x[:, self.plen + lo :][rows, cols] = vals
+                        self.same = False
                     self.notify()
                     continue
                 counts = schedule[:, i] if tau is None else None
@@ -425,6 +573,7 @@ class _Decoder:
                 if scale is not None:
                     conf = torch.where(region, conf * scale, conf)
                 sel = S.commit_top(conf, counts, k) if tau is None else S.commit_threshold(conf, tau)
+            self.unmask_events += sel.sum(1)
             self.put(lo, torch.where(sel, x0, self.gen[:, lo:]))
             self.notify()
 
@@ -458,6 +607,7 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
     position_ids = (am.cumsum(-1) - 1).clamp(min=0)
     seq, step_ids, past = input_ids, input_ids, None
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    produced = torch.zeros(bsz, dtype=torch.long, device=device)
     nfe = 0
     # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name goes in 5.40)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft wraps the model
@@ -483,6 +633,7 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
         else:
             nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        produced += (~done).long()  # tokens the row drew (its stop included), not the EOS after it
         seq = torch.cat([seq, nxt[:, None]], 1)
         done = done | torch.isin(nxt, stops)
         if bool(done.all()):
@@ -496,4 +647,5 @@ def _generate_ar(model, input_ids, attention_mask, cfg: DecodeConfig, eos_id, eo
         gen = torch.cat([gen, pad], 1)
     gen = S.eos_fill(gen, -1, stop_ids, eos_id)
     seq = torch.cat([input_ids, gen], 1)
-    return GenerateOutput(seq, nfe, plen, torch.zeros(bsz, dtype=torch.long, device=device), nfe, nfe * bsz)
+    return GenerateOutput(seq, nfe, plen, torch.zeros(bsz, dtype=torch.long, device=device), nfe, nfe * bsz, produced,
+                          nfe)

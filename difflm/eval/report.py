@@ -119,6 +119,7 @@ def summarize_run(run) -> dict[str, Any]:
         content_tokens_per_nfe=m.get("content_tokens_per_nfe"),
         tokens_per_second=m.get("tokens_per_second"),
         nfe_per_item=m.get("nfe_per_item_mean"),
+        effective_sample_rate=m.get("effective_sample_rate"),  # r* = L*/S, S = steps (paper's Table 10)
     )
     if run.manifest_path:
         row["sources"]["speed"] = str(run.manifest_path)
@@ -190,6 +191,7 @@ COLUMNS = [
     ("distinct-2", lambda r: _fmt(r.get("distinct_2"))),
     ("empty %", lambda r: _fmt(r.get("empty_share"), pct=True)),
     ("tok/NFE", lambda r: _fmt(r.get("content_tokens_per_nfe"), 2)),
+    ("r*", lambda r: _fmt(r.get("effective_sample_rate"), 2)),
     ("tok/s", lambda r: _fmt(r.get("tokens_per_second"), 1)),
     ("device", lambda r: _fmt(r.get("device"))),
 ]
