@@ -62,6 +62,7 @@ def serve(
                              max_tokens, max_n, max_body_kb, log_level, max_steps_per_token=max_steps_per_token,
                              body_timeout=body_timeout, header_timeout=header_timeout)
         check_model_decoder(cfg)
+        _check_canvas(cfg)
         _check_port(host, port)
         err = err_console()
         print_config(cfg.decode, title="decode defaults")
@@ -120,6 +121,17 @@ def check_prompt_format(prompt_format: str | None) -> None:
 
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}", key="--prompt-format")
+
+
+def _check_canvas(cfg) -> None:
+    """A canvas including the prompt (generate's total_length / leading_eos) has no meaning for a request, whose
+    answer length is its max_tokens: refused before the model load."""
+    from difflm.errors import ConfigError
+
+    for key in ("total_length", "leading_eos"):  # the answer length is each request's max_tokens
+        if getattr(cfg.decode, key):
+            raise ConfigError(f"is a difflm generate setting (a canvas including the prompt); serve answers "
+                              f"max_tokens per request: drop it, got {getattr(cfg.decode, key)}", key=f"decode.{key}")
 
 
 def _fit_limits(settings, model, cfg) -> None:

@@ -681,7 +681,10 @@ def test_cli_refuses_a_busy_port_and_bad_limits():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cases = ((("--port", str(port)), "--port"), (("--port", str(free_port()), "--max-batch", "0"), "--max-batch"))
+        cases = ((("--port", str(port)), "--port"), (("--port", str(free_port()), "--max-batch", "0"), "--max-batch"),
+                 # a canvas including the prompt is generate's; a request's answer length is its max_tokens
+                 (("--port", str(free_port()), "decode.total_length=48"), "decode.total_length"),
+                 (("--port", str(free_port()), "decode.leading_eos=true"), "decode.leading_eos"))
         for args, key in cases:
             res = CliRunner().invoke(app, ["serve", "-m", "tiny-math", *args])
             lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

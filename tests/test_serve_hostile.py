@@ -149,6 +149,14 @@ def test_limits_hold_at_their_edge(srv):
     assert steps and {s["length"] for s in steps} == {4}  # max_completion_tokens is the canvas length
 
 
+@pytest.mark.parametrize("key,value", [("total_length", 48), ("leading_eos", True)])
+def test_a_whole_canvas_setting_is_not_a_request_field(srv, key, value):
+    """total_length / leading_eos are generate's batch canvas; a request sets its answer length by max_tokens."""
+    url, _ = srv
+    r = post(url, COMP, {"prompt": "hi", "max_tokens": 8, key: value})
+    assert r.status_code == 400 and key in r.json()["error"]["message"], r.text
+
+
 def test_top_p_is_refused_by_generate_as_by_serve(tmp_path):
     """One rule (DecodeConfig.validate): `generate --top-p 0.5 --decode conv` exits 2 with one line."""
     from typer.testing import CliRunner

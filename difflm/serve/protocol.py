@@ -28,7 +28,9 @@ NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "ec
 #: difflm body fields that are not DecodeConfig fields
 EXTRA = {"denoise", "prompt_format"}
 #: DecodeConfig fields a body may set by name (the method is `decode`; gen_length is max_tokens; seed is seed)
-DECODE_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig)) - {"gen_length", "seed", "method"}
+#: total_length / leading_eos set a whole canvas (a batch setting of `difflm generate`); a request has max_tokens
+DECODE_FIELDS = frozenset(f.name for f in dataclasses.fields(DecodeConfig)) - {
+    "gen_length", "seed", "method", "total_length", "leading_eos"}
 ROLES = ("system", "user", "assistant")
 
 
