@@ -50,16 +50,20 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _launch(jobs: list[dict], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+def _launch(jobs: list[dict], tmp_path: Path, name: str, accelerate_config: Path | None = None) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node 2, or `accelerate launch --config_file F --num_processes 2` (the recipe's command)."""
     script = tmp_path / "fsdp_jobs.py"
     script.write_text(_SCRIPT)
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps(jobs))
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(script), str(spec)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-    )
+    if accelerate_config is None:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+    else:
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config), "--num_processes", "2",
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    return subprocess.run([sys.executable, *launcher, str(script), str(spec)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
 
 
 def _job(cfg, kind: str, out: Path, **extra) -> dict:
@@ -86,8 +90,10 @@ def test_fsdp2_two_processes_sft_r2ft_resume_and_final(tiny_native_llada_dir, ti
     assert {p.name for p in (ck / "sharded").iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
     assert not (ck / "model").exists()
     assert json.loads((ck / "trainer_state.json").read_text())["strategy"] == "fsdp2"
-    k2 = recipe(model, tiny_data, tmp_path / "k", train={**FSDP, "max_steps": 4, "save_every": 2, "resume": True})
-    second = _launch([_job(k2, "sft", tmp_path / "k.pt")], tmp_path, "second")
+    # the resume runs under `accelerate launch` with recipes/accelerate/fsdp2.yaml (train.strategy auto -> fsdp2 from
+    # the launcher; the file also turns on activation checkpointing, which reruns the same kernels)
+    k2 = recipe(model, tiny_data, tmp_path / "k", train={"micro_batch": 1, "max_steps": 4, "save_every": 2, "resume": True})
+    second = _launch([_job(k2, "sft", tmp_path / "k.pt")], tmp_path, "second", ROOT / "recipes" / "accelerate" / "fsdp2.yaml")
     assert second.returncode == 0, second.stderr[-3000:]
 
     wa, wk, wr = (torch.load(tmp_path / f"{n}.pt") for n in "akr")
@@ -107,6 +113,8 @@ def test_fsdp2_two_processes_sft_r2ft_resume_and_final(tiny_native_llada_dir, ti
         assert torch.equal(wk[name], wa[name]), (name, float((wk[name] - wa[name]).abs().max()))
     steps = [json.loads(x)["step"] for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    state = json.loads((tmp_path / "k" / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["strategy"] == "fsdp2" and state["world_size"] == 2
     # 3. the consolidated final/ loads with load_model (native LLaDA format) and holds the trained weights
     from difflm.models import load_model
 
