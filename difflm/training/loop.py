@@ -270,8 +270,8 @@ def _save_model(accelerator, model, out_dir: Path, dlm, sharded: bool = False) -
         from .fsdp import full_state_dict
 
         state = full_state_dict(model)
-    elif accelerator.distributed_type == DistributedType.FSDP:
-        state = accelerator.get_state_dict(model)
+    elif accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state = accelerator.get_state_dict(model)  # ZeRO-3: gathered (zero3_save_16bit_model)
     else:
         state = None
     if not accelerator.is_main_process:
@@ -281,7 +281,7 @@ def _save_model(accelerator, model, out_dir: Path, dlm, sharded: bool = False) -
     if _is_peft(unwrapped):
         unwrapped.save_pretrained(str(out_dir), state_dict=state)
         return
-    if dlm.family == "llada" and (state is None or sharded):
+    if dlm.family == "llada":
         from difflm.models import save_native
 
         save_native(unwrapped, out_dir, dlm.tokenizer, dlm.ids, state_dict=state)
@@ -307,6 +307,8 @@ def _accelerator(t):
     if t.precision == "fp16" and cpu:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on the CPU", key="train.precision")
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):  # accelerate turns DeepSpeed on only with cpu=False; DeepSpeed
+        cpu = False  # then picks its own accelerator (its CPU one, gloo, where no GPU is visible)
     acc = Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False)
 
     # accelerate's own checkpoint files hold optimizer/scheduler/scaler/RNG; the weights are saved by
@@ -483,6 +485,12 @@ class _Run:
         return self.strategy == "fsdp2"
 
     @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
+
+    @property
     def world(self) -> int:
         return self.acc.num_processes
 
@@ -567,6 +575,19 @@ def _fsdp_settings(recipe: TrainRecipe) -> tuple[str, dict]:
     return strategy, settings
 
 
+@contextmanager
+def _whole_weights(acc):
+    """Load without DeepSpeed ZeRO-3 partitioning: accelerate registers its DeepSpeed config with transformers,
+    whose from_pretrained then partitions every weight (whatever zero3_init_flag says)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def _setup_model(run: _Run) -> None:
     """The model (checked against the data), the output folder, AdamW and the lr schedule, `accelerate.prepare`
     (DDP) or FSDP2's `fully_shard` (`fsdp.shard_model`; accelerate then keeps only the RNG and scheduler state)."""
@@ -590,10 +611,19 @@ def _setup_model(run: _Run) -> None:
         run.model = dlm.module
         run.optimizer = build_optimizer(dlm.module, optim, acc.device)
     else:
-        dlm = build_model(recipe, acc.device)
+        # DeepSpeed ZeRO-3: load whole (transformers would partition the weights while loading, and the loader's
+        # checks run a forward pass outside the engine); the engine partitions them in prepare
+        with _whole_weights(acc) if run.deepspeed else nullcontext():
+            dlm = build_model(recipe, acc.device)
         _check_model(run.meta, dlm, run.kind, recipe)
         _create_output(recipe, acc, run.kind, run.resume_from)
         run.optimizer = build_optimizer(dlm.module, optim, acc.device)
+        if run.deepspeed:  # the batch geometry and clipping DeepSpeed's engine runs with (it steps and clips itself)
+            t = recipe.train
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=t.micro_batch, gradient_accumulation_steps=run.accum,
+                train_batch_size=t.global_batch, gradient_clipping=float(optim.grad_clip or 0.0),
+            )
     total = run.total
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda s: lr_factor(s, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
@@ -642,6 +672,7 @@ def _train_step(run: _Run, step: int, trainable: list[torch.Tensor]) -> tuple[St
     gradient norm before clipping or None, the lr used). Gradients are all-reduced once, at the last one."""
     t, optim, acc, model = run.recipe.train, run.recipe.optim, run.acc, run.model
     sums = StepSums()
+    lr = run.scheduler.get_last_lr()[0]
     for a in range(run.accum):
         base = step * t.global_batch + (a * run.world + run.rank) * t.micro_batch
         positions = list(range(base, base + t.micro_batch))
@@ -652,6 +683,12 @@ def _train_step(run: _Run, step: int, trainable: list[torch.Tensor]) -> tuple[St
             from .fsdp import set_gradient_sync
 
             set_gradient_sync(model, sync)
+        if run.deepspeed:  # the engine reduces, clips and steps at the boundary, and divides by the accumulation
+            acc.gradient_state._set_sync_gradients(sync)
+            loss, stats = _loss(run, batch, positions)
+            acc.backward(loss)
+            sums.add(stats, len(positions))
+            continue
         with (nullcontext() if sync or run.sharded else acc.no_sync(model)):
             loss, stats = _loss(run, batch, positions)
             acc.backward(loss / run.accum)
@@ -662,9 +699,8 @@ def _train_step(run: _Run, step: int, trainable: list[torch.Tensor]) -> tuple[St
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         else:
-            grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+            grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)  # DeepSpeed: the norm it clipped with
+    run.optimizer.step()  # DeepSpeed: no-ops (the engine stepped in the last backward)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, lr
@@ -713,7 +749,8 @@ def _evaluate(run: _Run, step: int) -> dict | None:
     sums = StepSums()
     # FSDP2 gathers weights in every forward, a collective: every rank runs the same number of batches
     # (a rank short of examples runs one of rank 0's again and drops its stats)
-    batches = math.ceil(math.ceil(n / run.world) / t.micro_batch) if run.sharded else math.ceil(len(mine) / t.micro_batch)
+    # (and DeepSpeed ZeRO-3's); so with several ranks always: the result is the same
+    batches = math.ceil(math.ceil(n / run.world) / t.micro_batch)
     try:
         with torch.no_grad():
             for b in range(batches):
@@ -750,7 +787,7 @@ def _resume(run: _Run, ckpt: Path) -> None:
         from .fsdp import sharded_load
 
         sharded_load(run.model, run.optimizer, ckpt / SHARDED)
-    elif acc.distributed_type != DistributedType.FSDP:  # FSDP: accelerate loads its own shards
+    elif acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # those load their own
         _load_weights(acc.unwrap_model(run.model), ckpt / "model")
     acc.load_state(str(ckpt / "state"))
     run.start = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
