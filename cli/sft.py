@@ -167,6 +167,8 @@ def run_training(kind: str, cli_values: dict, *, recipe, overrides, quiet: bool,
                 sections["lora"] = cfg.lora
             if kind == "r2ft":
                 sections["r2ft"] = cfg.r2ft
+            if cfg.train.strategy == "fsdp2":
+                sections["fsdp"] = cfg.fsdp
             print_config(sections, title=f"difflm {kind}")
         view = _LiveView(kind) if show else None
         try:

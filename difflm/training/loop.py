@@ -3,7 +3,8 @@
 `train(recipe, kind)` runs four parts, each a function here (the split of torchtune's recipes):
 
 - setup (`_setup`, `_setup_model`): accelerate (one process or many: `accelerate launch` / `torchrun`,
-  DDP; an FSDP config is in `recipes/accelerate/`; autocast for bf16/fp16, a gradient scaler for fp16);
+  DDP, FSDP2 sharding via `fsdp.py` (`train.strategy: fsdp2` or `recipes/accelerate/fsdp2.yaml`), DeepSpeed
+  ZeRO through accelerate (`recipes/accelerate/zero*.yaml`); autocast for bf16/fp16, a gradient scaler for fp16);
   the tokenized folder (`difflm tokenize`) checked against the recipe and the model; the model
   (`build_model`: `difflm.models.load_model`, QLoRA in 4-bit nf4 with double quantisation, LoRA via peft
   or the given adapter, gradient checkpointing); AdamW (or bitsandbytes 8-bit AdamW; no decay on vectors)
