@@ -137,6 +137,9 @@ def test_fsdp2_refuses_adapters_fp16_and_a_missing_launcher(tiny_native_llada_di
         sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "l", train={"strategy": "fsdp2", "mode": "lora"}))
     with pytest.raises(ConfigError, match="precision bf16"):
         sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "f", train={"strategy": "fsdp2", "precision": "fp16"}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fsdp.cpu_offload"):
+            sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "o", train={"strategy": "fsdp2"}, fsdp={"cpu_offload": True}))
     with pytest.raises(ConfigError, match="torchrun"):  # one process without torch.distributed
         sft(recipe(tiny_native_llada_dir, tiny_data, tmp_path / "n", train={"strategy": "fsdp2"}))
 

@@ -105,6 +105,8 @@ def shard_model(
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    if cpu_offload and not torch.cuda.is_available():  # CPUOffloadPolicy pins host memory for a GPU
+        raise ConfigError("fsdp.cpu_offload moves shards between a GPU and the CPU: it needs a CUDA GPU", key="fsdp.cpu_offload")
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(
             "train.strategy fsdp2 needs torch.distributed: launch with torchrun --nproc_per_node N or "
