@@ -46,6 +46,8 @@ _SCRIPT = textwrap.dedent(
                    job["out"] + f".numel{rank}")
         if rank == 0:
             torch.save(full, job["out"])
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 

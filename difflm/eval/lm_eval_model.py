@@ -335,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():  # a data-parallel run: every rank leaves together
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
