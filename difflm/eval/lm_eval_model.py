@@ -38,6 +38,16 @@ model_args:
   ``batch_size`` (lm-eval's option): prompts per generate_until batch.
   ``max_length``: context limit (default: the model's).
 
+Data-parallel: under ``torchrun --nproc_per_node N`` or ``accelerate launch --num_processes N`` each process
+loads the model on its own device (``cuda:LOCAL_RANK``; CPU processes use gloo) and lm-eval splits the documents
+over the ranks and gathers samples and metrics on rank 0, as with its own ``hf`` model (``rank``/``world_size``,
+``all_gather``, ``gather_object``, ``barrier`` below). Each request's seed depends on the request only, so the
+results equal one process's (with ``batch_size=1``; larger batches group other prompts together)::
+
+    torchrun --nproc_per_node 8 -m difflm.eval.lm_eval_model --model difflm \
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,dtype=bfloat16,decode=conv,steps=64,gen_length=512 \
+        --tasks gsm8k --batch_size 8 --output_path runs/lm-eval
+
 ``loglikelihood_rolling`` (perplexity tasks) uses the same bound over windows of the text, each
 conditioned on BOS and the preceding tokens: it is a bound, not an exact log-likelihood.
 """
@@ -105,6 +115,10 @@ class DifflmLM(LM):
                 f"unknown difflm model_args: {', '.join(sorted(kwargs))} (see difflm.eval.lm_eval_model)",
                 key="model_args",
             )
+        from difflm.generation import init_distributed
+
+        dist = init_distributed()  # torchrun / accelerate launch: one process per device, lm-eval splits the docs
+        self._rank, self._world_size = dist.rank, dist.world
         self._gen_length_given = "gen_length" in decode
         self.decode_base = from_dict(DecodeConfig, decode, prefix="model_args.")
         if model is None and not isinstance(pretrained, (str, type(None))):
@@ -115,6 +129,9 @@ class DifflmLM(LM):
             if device and str(device).startswith("cuda") and not torch.cuda.is_available():
                 log.warning("device %s requested (lm_eval's default is cuda:0) but no GPU is visible: using cpu", device)
                 device = "cpu"
+            if dist.world > 1 and torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
+                device = f"cuda:{dist.local_rank}"  # each rank its own GPU
+                torch.cuda.set_device(device)
             model = load_model(str(pretrained), device=device, **load_kwargs)
         if model.tokenizer is None:
             raise ConfigError(f"model {model.name} has no tokenizer: pass tokenizer=DIR", key="model_args.tokenizer")
@@ -131,6 +148,33 @@ class DifflmLM(LM):
         self._device = model.device
 
     # -- lm-eval plumbing --------------------------------------------------------------------------
+    # rank / world_size (lm.api.model.LM's properties over _rank/_world_size) and these three are what
+    # lm-eval's evaluator calls in a multi-process run (as its hf model does it through accelerate)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size <= 1:
+            return tensor
+        import torch.distributed as tdist
+
+        t = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        tdist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as tdist
+
+        out = [None] * self.world_size if self.rank == dst else None
+        tdist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", self.model.name)).replace("/", "__")
@@ -291,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():  # a data-parallel run: every rank leaves together
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

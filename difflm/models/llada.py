@@ -165,7 +165,8 @@ def load_llama_module(path: str, config=None, key_mapping: dict | None = None, *
 
 
 def save_native(
-    model: DiffusionLM | nn.Module, dir: str | Path, tokenizer: Any = None, ids: TokenIds | None = None
+    model: DiffusionLM | nn.Module, dir: str | Path, tokenizer: Any = None, ids: TokenIds | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a LLaDA-family model in difflm's native format (bidirectional Llama) and return `dir`.
 
@@ -174,6 +175,7 @@ def save_native(
     weights with Llama names, and the tokenizer when there is one, so that
     `load_model(dir)` auto-detects family "llada" and finds every id. A peft-wrapped model must be
     merged first (`module.merge_and_unload()`), or its adapter saved alone with `save_pretrained`.
+    `state_dict`: the weights to write instead of the module's own (e.g. FSDP2's gathered full weights).
     """
     if isinstance(model, DiffusionLM):
         if model.family != "llada":
@@ -207,7 +209,7 @@ def save_native(
             setattr(generation_config, field, getattr(config, field))
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    module.save_pretrained(str(dir), save_original_format=False)
+    module.save_pretrained(str(dir), state_dict=state_dict, save_original_format=False)
     for weights in dir.glob("*.safetensors"):  # safetensors >= 0.8 writes them 0600, whatever the umask
         usual_permissions(weights)
     if tokenizer is not None:

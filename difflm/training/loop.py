@@ -3,7 +3,8 @@
 `train(recipe, kind)` runs four parts, each a function here (the split of torchtune's recipes):
 
 - setup (`_setup`, `_setup_model`): accelerate (one process or many: `accelerate launch` / `torchrun`,
-  DDP; an FSDP config is in `recipes/accelerate/`; autocast for bf16/fp16, a gradient scaler for fp16);
+  DDP, FSDP2 sharding via `fsdp.py` (`train.strategy: fsdp2` or `recipes/accelerate/fsdp2.yaml`), DeepSpeed
+  ZeRO through accelerate (`recipes/accelerate/zero*.yaml`); autocast for bf16/fp16, a gradient scaler for fp16);
   the tokenized folder (`difflm tokenize`) checked against the recipe and the model; the model
   (`build_model`: `difflm.models.load_model`, QLoRA in 4-bit nf4 with double quantisation, LoRA via peft
   or the given adapter, gradient checkpointing); AdamW (or bitsandbytes 8-bit AdamW; no decay on vectors)
@@ -56,6 +57,7 @@ __all__ = ["TrainResult", "train", "latest_checkpoint", "build_model", "enable_g
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+SHARDED = "sharded"  #: FSDP2 checkpoints: model + optimizer in torch's distributed checkpoint format
 METRICS_FILE = "metrics.jsonl"
 # recipe keys a resumed run must share with the interrupted one (others, e.g. max_steps, may change)
 _RESUME_KEYS = {
@@ -259,13 +261,20 @@ def _load_weights(module: torch.nn.Module, model_dir: Path) -> None:
             raise RuntimeError(f"checkpoint {model_dir} lacks weights: {bad[:3]}")
 
 
-def _save_model(accelerator, model, out_dir: Path, dlm) -> None:
+def _save_model(accelerator, model, out_dir: Path, dlm, sharded: bool = False) -> None:
     """The weights a user loads: the adapter alone (LoRA/QLoRA) or a full checkpoint (LLaDA: the
-    native bidirectional-Llama format) with the tokenizer. Called on every rank (FSDP gathers)."""
+    native bidirectional-Llama format) with the tokenizer. Called on every rank (FSDP2 gathers the full
+    weights on rank 0: `sharded` = the model is FSDP2-sharded)."""
     from accelerate.utils import DistributedType
 
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    state = accelerator.get_state_dict(model) if fsdp else None
+    if sharded:
+        from .fsdp import full_state_dict
+
+        state = full_state_dict(model)
+    elif accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        state = accelerator.get_state_dict(model)  # ZeRO-3: gathered (zero3_save_16bit_model)
+    else:
+        state = None
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
@@ -273,10 +282,10 @@ def _save_model(accelerator, model, out_dir: Path, dlm) -> None:
     if _is_peft(unwrapped):
         unwrapped.save_pretrained(str(out_dir), state_dict=state)
         return
-    if dlm.family == "llada" and state is None:
+    if dlm.family == "llada":
         from difflm.models import save_native
 
-        save_native(unwrapped, out_dir, dlm.tokenizer, dlm.ids)
+        save_native(unwrapped, out_dir, dlm.tokenizer, dlm.ids, state_dict=state)
         return
     unwrapped.save_pretrained(str(out_dir), state_dict=state, save_original_format=False)
     if dlm.tokenizer is not None:
@@ -299,6 +308,8 @@ def _accelerator(t):
     if t.precision == "fp16" and cpu:
         raise ConfigError("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 on the CPU", key="train.precision")
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):  # accelerate turns DeepSpeed on only with cpu=False; DeepSpeed
+        cpu = False  # then picks its own accelerator (its CPU one, gloo, where no GPU is visible)
     acc = Accelerator(cpu=cpu, mixed_precision=precision, step_scheduler_with_optimizer=False)
 
     # accelerate's own checkpoint files hold optimizer/scheduler/scaler/RNG; the weights are saved by
@@ -467,6 +478,18 @@ class _Run:
     scheduler: Any = None
     stream: DataStream | None = None
     start: int = 0  #: the first step to run (the resumed checkpoint's step)
+    strategy: str = "ddp"  #: "ddp" (replicated; also one process) or "fsdp2" (sharded, `fsdp.py`)
+    fsdp: dict = field(default_factory=dict)  #: the FSDP2 settings in force (`_fsdp_settings`)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp2"
+
+    @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
 
     @property
     def world(self) -> int:
@@ -489,6 +512,7 @@ def _setup(recipe: TrainRecipe, kind: str, callback: Callable[[dict], None] | No
     if kind not in ("sft", "r2ft"):
         raise ValueError(f"unknown training kind {kind!r}")
     t = recipe.train
+    strategy, fsdp = _fsdp_settings(recipe)
     acc = _accelerator(t)
     emit = (callback if acc.is_main_process and callback else (lambda e: None))
     world = acc.num_processes
@@ -505,7 +529,7 @@ def _setup(recipe: TrainRecipe, kind: str, callback: Callable[[dict], None] | No
         recipe, kind, acc, emit, Path(t.output_dir), meta, dsd["train"], dsd["eval"] if "eval" in dsd else None,
         accum=t.global_batch // (t.micro_batch * world),
         total=t.max_steps or max(1, math.ceil(t.epochs * n_train / t.global_batch)),
-        resume_from=resume_from,
+        resume_from=resume_from, strategy=strategy, fsdp=fsdp,
     )
     _setup_model(run)
     if resume_from is not None:
@@ -515,19 +539,102 @@ def _setup(recipe: TrainRecipe, kind: str, callback: Callable[[dict], None] | No
     return run
 
 
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower() in ("1", "true", "yes")
+
+
+def _fsdp_settings(recipe: TrainRecipe) -> tuple[str, dict]:
+    """The strategy in force and its FSDP2 settings: the recipe's `train.strategy` and `fsdp:` section, and
+    where `accelerate launch` was given an FSDP config (recipes/accelerate/fsdp2.yaml) the settings it passes
+    to the processes in ACCELERATE_USE_FSDP / FSDP_* variables (they win over the recipe's)."""
+    t, f = recipe.train, recipe.fsdp
+    launched = bool(_env_flag("ACCELERATE_USE_FSDP"))
+    if launched and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; difflm shards with "
+            "FSDP2: use recipes/accelerate/fsdp2.yaml (fsdp_version: 2)",
+            key="fsdp_version",
+        )
+    strategy = t.strategy if t.strategy != "auto" else ("fsdp2" if launched else "ddp")
+    if launched and strategy != "fsdp2":
+        raise ConfigError(f"launched with an accelerate FSDP config but train.strategy is {strategy}", key="train.strategy")
+    settings = {"cpu_offload": f.cpu_offload, "reshard_after_forward": f.reshard_after_forward, "wrap": f.wrap,
+                "activation_checkpointing": t.gradient_checkpointing}
+    if launched:
+        for key, var in (("cpu_offload", "FSDP_OFFLOAD_PARAMS"), ("reshard_after_forward", "FSDP_RESHARD_AFTER_FORWARD"),
+                         ("activation_checkpointing", "FSDP_ACTIVATION_CHECKPOINTING")):
+            if _env_flag(var) is not None:
+                settings[key] = _env_flag(var)
+        if os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+            settings["wrap"] = [c.strip() for c in os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"].split(",") if c.strip()]
+    if strategy == "fsdp2":
+        if t.mode != "full":
+            raise ConfigError(f"fsdp2 shards full fine-tunes; mode {t.mode} trains an adapter: use ddp", key="train.mode")
+        if t.precision == "fp16":
+            raise ConfigError("fsdp2 runs fp32 or bf16 (no fp16 gradient scaler): use precision bf16", key="train.precision")
+    return strategy, settings
+
+
+@contextmanager
+def _whole_weights(acc):
+    """Load without DeepSpeed ZeRO-3 partitioning: accelerate registers its DeepSpeed config with transformers,
+    whose from_pretrained then partitions every weight (whatever zero3_init_flag says)."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
 def _setup_model(run: _Run) -> None:
-    """The model (checked against the data), the output folder, AdamW and the lr schedule, `accelerate.prepare`."""
+    """The model (checked against the data), the output folder, AdamW and the lr schedule, `accelerate.prepare`
+    (DDP) or FSDP2's `fully_shard` (`fsdp.shard_model`; accelerate then keeps only the RNG and scheduler state)."""
     recipe, acc, optim = run.recipe, run.acc, run.recipe.optim
-    dlm = build_model(recipe, acc.device)
-    _check_model(run.meta, dlm, run.kind, recipe)
-    _create_output(recipe, acc, run.kind, run.resume_from)
-    optimizer = build_optimizer(dlm.module, optim, acc.device)
+    if run.sharded:
+        import dataclasses
+
+        from .fsdp import shard_model
+
+        # each rank loads on the CPU; fully_shard moves its own shard of each block to the device
+        cfg = dataclasses.replace(recipe, train=dataclasses.replace(
+            recipe.train, gradient_checkpointing=run.fsdp["activation_checkpointing"]))
+        dlm = build_model(cfg, "cpu")
+        _check_model(run.meta, dlm, run.kind, recipe)
+        _create_output(recipe, acc, run.kind, run.resume_from)
+        _, classes, units = shard_model(
+            dlm.module, precision=recipe.train.precision, cpu_offload=run.fsdp["cpu_offload"],
+            reshard_after_forward=run.fsdp["reshard_after_forward"], wrap=run.fsdp["wrap"],
+        )
+        run.fsdp.update(wrap=classes, units=units)
+        run.model = dlm.module
+        run.optimizer = build_optimizer(dlm.module, optim, acc.device)
+    else:
+        # DeepSpeed ZeRO-3: load whole (transformers would partition the weights while loading, and the loader's
+        # checks run a forward pass outside the engine); the engine partitions them in prepare
+        with _whole_weights(acc) if run.deepspeed else nullcontext():
+            dlm = build_model(recipe, acc.device)
+        _check_model(run.meta, dlm, run.kind, recipe)
+        _create_output(recipe, acc, run.kind, run.resume_from)
+        run.optimizer = build_optimizer(dlm.module, optim, acc.device)
+        if run.deepspeed:  # the batch geometry and clipping DeepSpeed's engine runs with (it steps and clips itself)
+            t = recipe.train
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=t.micro_batch, gradient_accumulation_steps=run.accum,
+                train_batch_size=t.global_batch, gradient_clipping=float(optim.grad_clip or 0.0),
+            )
     total = run.total
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
+        run.optimizer, lambda s: lr_factor(s, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
     )
-    run.model, run.optimizer, run.scheduler = acc.prepare(dlm.module, optimizer, scheduler)
-    dlm.module = run.model  # every training forward goes through the wrapper (DDP all-reduce, autocast)
+    if run.sharded:
+        run.scheduler = scheduler
+        acc.register_for_checkpointing(scheduler)  # saved/loaded by accelerate's save_state/load_state
+    else:
+        run.model, run.optimizer, run.scheduler = acc.prepare(dlm.module, run.optimizer, scheduler)
+        dlm.module = run.model  # every training forward goes through the wrapper (DDP all-reduce, autocast)
     run.dlm = dlm
 
 
@@ -541,7 +648,8 @@ def _start_event(run: _Run) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in run.acc.unwrap_model(model).parameters()),
         "device": str(run.acc.device), "resumed_from": str(run.resume_from) if run.resume_from else None,
-        "max_length": run.meta.get("max_length"),
+        "max_length": run.meta.get("max_length"), "strategy": run.strategy,
+        **({"fsdp": run.fsdp} if run.sharded else {}),
     }
 
 
@@ -565,21 +673,35 @@ def _train_step(run: _Run, step: int, trainable: list[torch.Tensor]) -> tuple[St
     gradient norm before clipping or None, the lr used). Gradients are all-reduced once, at the last one."""
     t, optim, acc, model = run.recipe.train, run.recipe.optim, run.acc, run.model
     sums = StepSums()
+    lr = run.scheduler.get_last_lr()[0]
     for a in range(run.accum):
         base = step * t.global_batch + (a * run.world + run.rank) * t.micro_batch
         positions = list(range(base, base + t.micro_batch))
         batch = run.train_ds[[run.stream.index(k) for k in positions]]
         torch.manual_seed(seed_for(t.seed, "dropout", step, run.rank, a))
         sync = a == run.accum - 1
-        with (nullcontext() if sync else acc.no_sync(model)):
+        if run.sharded:  # FSDP2: reduce-scatter the gradients at the last micro-batch only
+            from .fsdp import set_gradient_sync
+
+            set_gradient_sync(model, sync)
+        if run.deepspeed:  # the engine reduces, clips and steps at the boundary, and divides by the accumulation
+            acc.gradient_state._set_sync_gradients(sync)
+            loss, stats = _loss(run, batch, positions)
+            acc.backward(loss)
+            sums.add(stats, len(positions))
+            continue
+        with (nullcontext() if sync or run.sharded else acc.no_sync(model)):
             loss, stats = _loss(run, batch, positions)
             acc.backward(loss / run.accum)
         sums.add(stats, len(positions))
     grad_norm = None
     if optim.grad_clip is not None and optim.grad_clip > 0:
-        grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)
-    lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+        if run.sharded:  # the norm over every rank's shards (a DTensor)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        else:
+            grad_norm = acc.clip_grad_norm_(trainable, optim.grad_clip)  # DeepSpeed: the norm it clipped with
+    run.optimizer.step()  # DeepSpeed: no-ops (the engine stepped in the last backward)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm, lr
@@ -626,10 +748,17 @@ def _evaluate(run: _Run, step: int) -> dict | None:
     dlm.module = unwrapped
     unwrapped.eval()
     sums = StepSums()
+    # FSDP2 gathers weights in every forward, a collective: every rank runs the same number of batches
+    # (a rank short of examples runs one of rank 0's again and drops its stats)
+    # (and DeepSpeed ZeRO-3's); so with several ranks always: the result is the same
+    batches = math.ceil(math.ceil(n / run.world) / t.micro_batch)
     try:
         with torch.no_grad():
-            for i in range(0, len(mine), t.micro_batch):
-                idx = mine[i : i + t.micro_batch]
+            for b in range(batches):
+                idx = mine[b * t.micro_batch : (b + 1) * t.micro_batch]
+                if not idx:
+                    _loss(run, run.eval_ds[[0]], [0], tag="eval")
+                    continue
                 _, stats = _loss(run, run.eval_ds[idx], idx, tag="eval")
                 sums.add(stats, len(idx))
     finally:
@@ -649,7 +778,17 @@ def _resume(run: _Run, ckpt: Path) -> None:
     from accelerate.utils import DistributedType
 
     acc = run.acc
-    if acc.distributed_type != DistributedType.FSDP:  # FSDP: accelerate loads its own shards
+    has_shards = (ckpt / SHARDED).is_dir()
+    if has_shards != run.sharded:
+        raise ConfigError(
+            f"cannot resume {ckpt}: it was written by a {'fsdp2' if has_shards else 'ddp'} run, this one is {run.strategy}",
+            key="train.strategy",
+        )
+    if run.sharded:  # model + optimizer from the DCP shards (any world size)
+        from .fsdp import sharded_load
+
+        sharded_load(run.model, run.optimizer, ckpt / SHARDED)
+    elif acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # those load their own
         _load_weights(acc.unwrap_model(run.model), ckpt / "model")
     acc.load_state(str(ckpt / "state"))
     run.start = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
@@ -665,13 +804,18 @@ def _save_checkpoint(run: _Run, step: int) -> Path:
     final = root / f"step-{step:07d}"
     # every rank writes into checkpoints/.step-N.tmp (accelerate's state: one RNG file per rank)
     with atomic_directory(final, sync=acc.wait_for_everyone, owner=acc.is_main_process) as tmp:
-        _save_model(acc, run.model, tmp / "model", run.dlm)
+        if run.sharded:  # every rank writes its shards of the weights and AdamW states (no full copy)
+            from .fsdp import sharded_save
+
+            sharded_save(run.model, run.optimizer, tmp / SHARDED)
+        else:
+            _save_model(acc, run.model, tmp / "model", run.dlm)
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
             state = {
                 "step": step, "total_steps": run.total, "consumed_sequences": step * t.global_batch,
                 "epoch": step * t.global_batch / run.n_train, "world_size": run.world, "accumulation": run.accum,
-                "kind": run.kind, "time": time.time(),
+                "kind": run.kind, "strategy": run.strategy, "time": time.time(),
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     if acc.is_main_process:
@@ -691,7 +835,7 @@ def _save_final(run: _Run, last: dict, last_eval: dict | None) -> Path:
         _save_checkpoint(run, run.total)
     # the previous final/ stays until the new one is complete (only the main rank writes; FSDP gathers on all)
     with atomic_directory(final_dir) if acc.is_main_process else nullcontext(final_dir) as tmp:
-        _save_model(acc, run.model, tmp, run.dlm)
+        _save_model(acc, run.model, tmp, run.dlm, sharded=run.sharded)
         if acc.is_main_process:
             summary = {"kind": run.kind, "steps": run.total, "last": last, "eval": last_eval, "recipe": to_dict(run.recipe)}
             (tmp / "difflm_training.json").write_text(json.dumps(summary, indent=2) + "\n")

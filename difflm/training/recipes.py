@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "R2FTConfig",
+    "FsdpConfig",
     "TrainConfig",
     "TrainDataConfig",
     "TrainModelConfig",
@@ -164,6 +165,21 @@ class R2FTConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """The `fsdp:` section (used when `train.strategy` is fsdp2; `difflm/training/fsdp.py`). Launched with
+    `accelerate launch --config_file recipes/accelerate/fsdp2.yaml`, that file's fsdp_offload_params,
+    fsdp_reshard_after_forward, fsdp_transformer_layer_cls_to_wrap and fsdp_activation_checkpointing win."""
+
+    cpu_offload: bool = field(default=False, metadata={"help": "sharded weights, gradients and AdamW on the CPU"})
+    reshard_after_forward: bool = field(
+        default=True, metadata={"help": "free gathered weights after forward (ZeRO-3-like); false: ZeRO-2-like"}
+    )
+    wrap: list[str] | None = field(
+        default=None, metadata={"help": "block class names to shard (default: the model's _no_split_modules)"}
+    )
+
+
+@dataclass
 class TrainConfig:
     objective: str = field(
         default="diffusion",
@@ -174,6 +190,14 @@ class TrainConfig:
         },
     )
     mode: str = field(default="full", metadata={"choices": ["full", "lora", "qlora"]})
+    strategy: str = field(
+        default="auto",
+        metadata={
+            "choices": ["auto", "ddp", "fsdp2"],
+            "help": "ddp (replicated weights), fsdp2 (sharded full fine-tune), auto (fsdp2 when launched "
+            "with an accelerate FSDP config, else ddp)",
+        },
+    )
     output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, metrics.jsonl and final/"})
     global_batch: int = field(default=256, metadata={"min": 1, "help": "sequences per optimiser step, all ranks"})
     micro_batch: int = field(default=1, metadata={"min": 1, "help": "sequences per forward pass and rank"})
@@ -211,6 +235,7 @@ class TrainRecipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     r2ft: R2FTConfig = field(default_factory=R2FTConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
     def validate(self) -> None:
         if self.train.mode == "qlora" and self.model.dtype not in ("auto", "bfloat16"):
