@@ -258,7 +258,7 @@ def test_denoise_event_stream(solo, model):
     plain = c.completions.create(model="difflm", prompt=prompt(7), seed=4, max_tokens=L)
     canvas, seen, events, done = [None] * L, [], [], None
     for chunk in c.completions.create(model="difflm", prompt=prompt(7), seed=4, max_tokens=L, stream=True,
-                                      extra_body={"denoise": True, "steps": steps}):
+                                      extra_body={"denoise": True, "steps": steps, "forward_reuse": False}):
         ev = (chunk.model_extra or {}).get("difflm")
         if not ev:
             continue
@@ -274,7 +274,7 @@ def test_denoise_event_stream(solo, model):
     assert [ev["step"] for ev in events] == sorted(ev["step"] for ev in events)
     assert len([ev for ev in events if not ev["fill"]]) == steps  # fill: generate's last pass, no step of its own
     assert sorted(seen) == list(range(L))  # every position once: the union is the answer, nothing twice
-    assert done is not None and done["nfe"] == steps and done["token_ids"] == canvas
+    assert done is not None and done["nfe"] == steps and done["token_ids"] == canvas  # no reuse: a pass a step
     text = plain.choices[0].text
     stop = set(model.ids.stop_ids)
     n = next((i for i, t in enumerate(canvas) if t in stop), L)
