@@ -285,3 +285,17 @@ def _wait_until_idle(url: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"the server still decodes the cancelled answer: {health}")
+
+
+@pytest.mark.parametrize("key", ["total_length", "leading_eos"])
+def test_chat_refuses_generates_whole_canvas_settings(key):
+    """`/set total_length=...` would decode a canvas the server refuses (a request's length is max_tokens): one
+    line naming the key, as for any setting a request cannot carry; `/set steps=...` still works."""
+    from difflm.decoding.config import DecodeConfig
+    from difflm.errors import ConfigError
+    from difflm.serve.chat import apply_settings
+
+    with pytest.raises(ConfigError) as err:
+        apply_settings(DecodeConfig(), {key: 48 if key == "total_length" else True})
+    assert key in str(err.value) and "\n" not in str(err.value)
+    assert apply_settings(DecodeConfig(), {"steps": 16}).steps == 16

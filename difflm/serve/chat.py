@@ -27,6 +27,7 @@ from typing import Any, Callable
 from difflm.config import from_dict, parse_overrides, to_dict
 from difflm.decoding.config import DecodeConfig
 from difflm.errors import ConfigError, first_line
+from difflm.serve.protocol import DECODE_FIELDS
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -106,7 +107,7 @@ class Canvas:
 def apply_settings(config: DecodeConfig, values: dict[str, Any]) -> DecodeConfig:
     """`config` with `values` (DecodeConfig field names or ALIASES) applied, validated as a recipe is
     (`from_dict`: the same one-line ConfigError messages as the CLI and the server)."""
-    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    fields = DECODE_FIELDS | {"method", "gen_length", "seed"}  # what a request can carry (no whole canvas)
     over = {}
     for key, value in values.items():
         name = ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
@@ -326,7 +327,7 @@ class RemoteBackend:
     def body(self, config: DecodeConfig, events: bool) -> dict:
         """The extra body fields: every decode setting (so the server decodes what /show says) and denoise."""
         d = to_dict(config)
-        extra = {"decode": d.pop("method"), **{k: v for k, v in d.items() if k not in ("gen_length", "seed")}}
+        extra = {"decode": d.pop("method"), **{k: v for k, v in d.items() if k in DECODE_FIELDS}}
         if events:
             extra["denoise"] = True
         if self.prompt_format:
