@@ -8,12 +8,12 @@
 
 The table files (`recipes/paper/table-N.yaml`), the commands they become and RESULTS.md are built by
 `difflm.paper`; this script prints what a table needs (GPU, hours, judge key, models to train first), checks
-that this difflm has every feature the table's commands use, and runs the commands in-process (the same
+and runs the commands in-process (the same
 `difflm` CLI, without a new Python per command), skipping generations that are already complete.
 Outputs: runs/paper/table-N/ (runs/paper-tiny/ with --tiny); references in runs/paper/references/ (shared).
 
 --judge: an http(s) URL of an OpenAI-compatible server (`difflm eval alpaca --judge-base-url`), an alpaca_eval
-annotator name, or `local` (the smoke runs' loopback judge from tests/paper_judge.py: it prefers the longer
+annotator name, or `local` (the smoke runs' loopback judge, tests/judge_server.py: it prefers the longer
 answer). Default: alpaca_eval's GPT-4-turbo annotator, the paper's (OPENAI_API_KEY).
 """
 
@@ -33,93 +33,12 @@ if str(ROOT) not in sys.path:
 from difflm.errors import ConfigError  # noqa: E402
 from difflm.paper import TABLES, Step, TinyPreset, load_table, parse_models, plan, results_markdown  # noqa: E402
 
-#: feature -> the branch that brings it (issue 17/18 work merged by the integrator); what `requirements`
-#: finds in a plan and `available_features` probes in the installed difflm
-BRANCH = {
-    "decode.total_length": "i18a",
-    "prompt format paper-cot": "i18a",
-    "eval set mt_bench": "i17",
-    "eval set wiki (the paper's 504 entities)": "i17",
-    "difflm sweep": "i18b",
-    "difflm eval alpaca --judge-base-url": "i17",
-    "difflm eval fluency --scorer": "i18b",
-    "difflm eval fluency --inlier-reference": "i18b",
-    "difflm eval report --x": "i18b",
-}
-
-
 def _cli_command():
     from typer.main import get_command
 
     from cli.main import app
 
     return get_command(app)
-
-
-def available_features() -> set[str]:
-    """The features of BRANCH that this difflm has (probed: dataclass fields, eval sets, CLI options)."""
-    from difflm.data.evalsets import EVAL_SETS
-    from difflm.data.prompts import PROMPT_FORMATS
-    from difflm.decoding.config import DecodeConfig
-
-    have = set()
-    if "total_length" in DecodeConfig.__dataclass_fields__:
-        have.add("decode.total_length")
-    if "paper-cot" in PROMPT_FORMATS:
-        have.add("prompt format paper-cot")
-    if "mt_bench" in EVAL_SETS:
-        have.add("eval set mt_bench")
-    if "wikitext" in EVAL_SETS:  # i17 renames the WikiText task and makes `wiki` the paper's set
-        have.add("eval set wiki (the paper's 504 entities)")
-    cmd = _cli_command()
-    if "sweep" in cmd.commands:
-        have.add("difflm sweep")
-    ev = cmd.commands["eval"]
-
-    def opts(sub: str) -> set[str]:
-        return {o for p in ev.commands[sub].params for o in p.opts}
-
-    if "--judge-base-url" in opts("alpaca"):
-        have.add("difflm eval alpaca --judge-base-url")
-    for o in ("--scorer", "--inlier-reference"):
-        if o in opts("fluency"):
-            have.add(f"difflm eval fluency {o}")
-    if "--x" in opts("report"):
-        have.add("difflm eval report --x")
-    return have
-
-
-def requirements(steps: list[Step]) -> set[str]:
-    """The BRANCH features the plan's commands use."""
-    from difflm.config import load_yaml
-
-    need = set()
-    for s in steps:
-        a = s.argv
-        if s.kind in ("generate", "reference", "sweep"):
-            rec = load_yaml(a[a.index("--recipe") + 1])
-            text = " ".join(a)
-            if "total_length" in (rec.get("decode") or {}) or "decode.total_length=" in text:
-                need.add("decode.total_length")
-            fmt = (rec.get("data") or {}).get("prompt_format")
-            for x in a:
-                if x.startswith("data.prompt_format="):
-                    fmt = x.split("=", 1)[1]
-            if fmt == "paper-cot":
-                need.add("prompt format paper-cot")
-            if "data.eval_set=mt_bench" in a:
-                need.add("eval set mt_bench")
-            if "data.eval_set=wiki" in a:
-                need.add("eval set wiki (the paper's 504 entities)")
-            if s.kind == "sweep":
-                need.add("difflm sweep")
-        if s.kind == "judge" and "--judge-base-url" in a:
-            need.add("difflm eval alpaca --judge-base-url")
-        if s.kind == "fluency":
-            need |= {"difflm eval fluency --scorer", "difflm eval fluency --inlier-reference"}
-        if s.kind == "report" and "--x" in a:
-            need.add("difflm eval report --x")
-    return need
 
 
 def _complete(output: str) -> bool:
@@ -218,17 +137,10 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
             preset = TinyPreset(ar=str(ar), scorer=str(ar), sweep_points=sweep_points)
         steps = plan(table, out_dir=out_dir, root=ROOT, models=roles, limit=limit, judge=jurl,
                      judge_model=judge_model or jmodel, tiny=preset)
-        missing = sorted(requirements(steps) - available_features())
         if dry_run:
             for s in steps:
                 out(f"   $ {s.shell()}")
-            for m in missing:
-                out(f"   missing: {m} (branch {BRANCH[m]})")
             return 0
-        if missing:
-            out(f"error: table {table['table']} needs what this difflm lacks: "
-                + "; ".join(f"{m} (branch {BRANCH[m]})" for m in missing))
-            return 2
         rc = 0
         for s in steps:
             if s.kind in ("generate", "reference") and s.output and _complete(s.output):
@@ -270,17 +182,19 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
 
 @contextlib.contextmanager
 def _judge_server(judge: str | None):
-    """`local` starts the loopback test judge (tests/paper_judge.py) for the run; yields (judge, model name)."""
+    """`local` starts the loopback test judge (tests/judge_server.py) in a thread for the run; its URL then goes
+    to `difflm eval alpaca --judge-base-url` like any judge server's (a loopback URL needs no key). Yields
+    (judge, model name)."""
     if judge != "local":
         yield judge, None
         return
     tests = ROOT / "tests"
-    if not (tests / "paper_judge.py").is_file():
-        raise ConfigError("--judge local needs tests/paper_judge.py (a source checkout)", key="judge")
-    sys.path.insert(0, str(tests))
-    from paper_judge import serve_judge
+    if not (tests / "judge_server.py").is_file():
+        raise ConfigError("--judge local needs tests/judge_server.py (a source checkout)", key="judge")
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from judge_server import serve_judge
 
-    os.environ.setdefault("OPENAI_API_KEY", "local-test-judge")  # the openai client wants some key
     with serve_judge() as url:
         yield url, "test-judge"
 
