@@ -81,7 +81,7 @@ def _expand(step: Step) -> list[list[str]]:
     return [step.argv[:i] + [str(f)] + step.argv[i + 1:] for f in files]
 
 
-def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
+def print_needs(table: dict, judge: str | None, tiny: bool, out=print, judge_key_env: str | None = None) -> None:
     n = table.get("needs") or {}
     out(f"== Table {table['table']}: {table['title']}  ({os.path.relpath(table['_path'])})")
     if tiny:
@@ -94,7 +94,8 @@ def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
     out(f"   hours: {n.get('hours', '-')}")
     if table["judge"] == "pairwise":
         if judge and judge.startswith(("http://", "https://")):
-            key = f"JUDGE={judge} (key: $OPENAI_API_KEY if the server wants one)"
+            env = judge_key_env or "OPENAI_API_KEY"
+            key = f"JUDGE={judge} (key: ${env} {'[set]' if os.environ.get(env) else '[not set]'}; a loopback URL needs none)"
         elif judge:
             key = f"annotator {judge} (its backend's key)"
         else:
@@ -112,7 +113,7 @@ def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
 
 
 def run_table(number, *, out_dir: str, models: str | None = None, limit: int | None = None, judge: str | None = None,
-              judge_model: str | None = None, tiny: bool = False, dry_run: bool = False, rows: list[str] | None = None,
+              judge_model: str | None = None, judge_key_env: str | None = None, tiny: bool = False, dry_run: bool = False, rows: list[str] | None = None,
               eval_sets: list[str] | None = None, sweep_points: int | None = None, out=print) -> int:
     """Plan and run one table; returns an exit code (0 ok, 2 bad input or missing features, else the failing
     command's code). RESULTS.md is written at the end (also after a failure: what exists so far)."""
@@ -125,7 +126,7 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
     if eval_sets:
         table["eval_sets"] = [e for e in table["eval_sets"] if e in eval_sets]
     roles = parse_models(models, (table.get("models") or {}).keys())
-    print_needs(table, judge, tiny, out)
+    print_needs(table, judge, tiny, out, judge_key_env)
     with _judge_server(judge) as (jurl, jmodel):
         preset = None
         if tiny:  # a tiny random causal Llama stands in for every AR model (references, AR rows, the scorer)
@@ -136,7 +137,7 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
                 build_tiny_ar(ar)
             preset = TinyPreset(ar=str(ar), scorer=str(ar), sweep_points=sweep_points)
         steps = plan(table, out_dir=out_dir, root=ROOT, models=roles, limit=limit, judge=jurl,
-                     judge_model=judge_model or jmodel, tiny=preset)
+                     judge_model=judge_model or jmodel, judge_key_env=judge_key_env, tiny=preset)
         if dry_run:
             for s in steps:
                 out(f"   $ {s.shell()}")
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="the first N items of every eval set (references too)")
     p.add_argument("--judge", help="URL of an OpenAI-compatible judge, an alpaca_eval annotator, or `local`")
     p.add_argument("--judge-model", help="model name at the --judge URL (default gpt-4-turbo)")
+    p.add_argument("--judge-key-env", help="environment variable holding the --judge URL's key (default OPENAI_API_KEY; "
+                   "a loopback URL needs none)")
     p.add_argument("--tiny", action="store_true", help="the CPU smoke run (embedded models, fixtures)")
     p.add_argument("--out", help="output root (default runs/paper, runs/paper-tiny with --tiny)")
     p.add_argument("--rows", help="only these row ids (comma-separated)")
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in numbers:
             rc = run_table(n, out_dir=out_dir, models=a.model, limit=a.limit, judge=a.judge, judge_model=a.judge_model,
+                           judge_key_env=a.judge_key_env,
                            tiny=a.tiny, dry_run=a.dry_run, rows=a.rows.split(",") if a.rows else None,
                            eval_sets=a.eval_sets.split(",") if a.eval_sets else None)
             if rc:

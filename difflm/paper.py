@@ -129,13 +129,15 @@ def parse_models(text: str | None, roles: Iterable[str]) -> dict[str, dict]:
     return out
 
 
-def judge_options(judge: str | None, judge_model: str | None = None) -> list[str]:
+def judge_options(judge: str | None, judge_model: str | None = None, judge_key_env: str | None = None) -> list[str]:
     """`JUDGE=` of the make targets -> `difflm eval alpaca` options: an http(s) URL is an OpenAI-compatible
-    server (``--judge-base-url``), anything else an alpaca_eval annotator name."""
+    server (``--judge-base-url``, ``--judge-model``, ``--judge-api-key-env``), anything else an alpaca_eval
+    annotator name."""
     if not judge:
         return []
     if re.match(r"https?://", judge):
-        return ["--judge-base-url", judge, "--judge-model", judge_model or "gpt-4-turbo"]
+        return ["--judge-base-url", judge, "--judge-model", judge_model or "gpt-4-turbo",
+                *(["--judge-api-key-env", judge_key_env] if judge_key_env else [])]
     return ["--annotator", judge]
 
 
@@ -272,6 +274,7 @@ def plan(
     limit: int | None = None,
     judge: str | None = None,
     judge_model: str | None = None,
+    judge_key_env: str | None = None,
     tiny: TinyPreset | None = None,
 ) -> list[Step]:
     """The commands that reproduce `table` (a `load_table` mapping), in order: references, rows (generate or
@@ -363,7 +366,7 @@ def plan(
                 outputs[(r["id"], es)] = [str(f)]
 
     # -- judging and scoring (sweeps: the runner expands DIR into its point files)
-    jopts = judge_options(judge, judge_model)
+    jopts = judge_options(judge, judge_model, judge_key_env)
     for (rid, es), outs in outputs.items():
         for o in outs:
             if table["judge"] == "pairwise":

@@ -140,7 +140,7 @@ def test_model_override_and_limit_reach_the_commands():
 
 
 def test_pairwise_plan_judges_against_the_reference_of_the_same_set():
-    steps = _steps(3, judge="http://127.0.0.1:9/v1", judge_model="j")
+    steps = _steps(3, judge="http://127.0.0.1:9/v1", judge_model="j", judge_key_env="MY_JUDGE_KEY")
     refs = {s.eval_set: s.output for s in steps if s.kind == "reference"}
     assert set(refs) == {"alpaca_eval", "mt_bench", "wiki", "arena_hard"}
     judged = [s for s in steps if s.kind == "judge"]
@@ -148,7 +148,9 @@ def test_pairwise_plan_judges_against_the_reference_of_the_same_set():
     for s in judged:
         a = s.argv
         assert a[a.index("--reference") + 1] == refs[s.eval_set]
-        assert a[a.index("--judge-base-url") + 1] == "http://127.0.0.1:9/v1" and "--judge-model" in a
+        assert a[a.index("--judge-base-url") + 1] == "http://127.0.0.1:9/v1" and a[a.index("--judge-model") + 1] == "j"
+        assert a[a.index("--judge-api-key-env") + 1] == "MY_JUDGE_KEY"
+    assert all("--annotator" in s.argv for s in _steps(3, judge="alpaca_eval_gpt4") if s.kind == "judge")
 
 
 def test_tiny_scaling_keeps_the_papers_block_counts():
