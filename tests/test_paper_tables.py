@@ -12,6 +12,7 @@ per table (SMOKE_ROWS; `make paper-smoke` runs all rows).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -270,7 +271,8 @@ def test_paper_table_smoke_run(n, judge_url, smoke_dir, monkeypatch):
     table["rows"] = [r for r in table["rows"] if r["id"] in SMOKE_ROWS[n]]
     preset = TinyPreset(ar=str(smoke_dir / "tiny-ar"), scorer=str(smoke_dir / "tiny-ar"), sweep_points=2)
     lines: list[str] = []
-    rc = paper_tables.run_table(n, out_dir=str(smoke_dir), limit=2, judge=judge_url, judge_model="test-judge",
+    # relative to the working folder, as `make` passes runs/paper-tiny (relative paths once broke --judge-model)
+    rc = paper_tables.run_table(n, out_dir=os.path.relpath(smoke_dir, ROOT), limit=2, judge=judge_url, judge_model="test-judge",
                                 tiny=True, rows=SMOKE_ROWS[n], sweep_points=2, out=lines.append)
     assert rc == 0, "\n".join(lines[-20:])
     md = (smoke_dir / f"table-{n}" / "RESULTS.md").read_text()
