@@ -7,14 +7,15 @@
     python bench/paper_tables.py --table 1 --tiny --limit 2 --judge local   # the CPU smoke run
 
 The table files (`recipes/paper/table-N.yaml`), the commands they become and RESULTS.md are built by
-`difflm.paper`; this script prints what a table needs (GPU, hours, judge key, models to train first), checks
-and runs the commands in-process (the same
-`difflm` CLI, without a new Python per command), skipping generations that are already complete.
+`difflm.paper`; this script prints what a table needs (GPU, hours, judge key, models to train first) and runs
+the commands in-process (the same `difflm` CLI, without a new Python per command), skipping generations that
+are already complete.
 Outputs: runs/paper/table-N/ (runs/paper-tiny/ with --tiny); references in runs/paper/references/ (shared).
 
 --judge: an http(s) URL of an OpenAI-compatible server (`difflm eval alpaca --judge-base-url`), an alpaca_eval
-annotator name, or `local` (the smoke runs' loopback judge, tests/judge_server.py: it prefers the longer
-answer). Default: alpaca_eval's GPT-4-turbo annotator, the paper's (OPENAI_API_KEY).
+annotator name, or `local` (the smoke runs' loopback judge, tests/judge_server.py, started in a thread and
+passed as --judge-base-url: it prefers the longer answer). --judge-key-env names the URL's key variable.
+Default: alpaca_eval's GPT-4-turbo annotator, the paper's (OPENAI_API_KEY).
 """
 
 from __future__ import annotations
