@@ -461,13 +461,6 @@ def _read_json(path: str | Path) -> Any:
         return None
 
 
-def _pick(d: Mapping | None, *keys: str) -> Any:
-    for k in keys:
-        if d and d.get(k) is not None:
-            return d[k]
-    return None
-
-
 def _num(v: Any, digits: int = 2) -> str:
     if v is None:
         return "-"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from difflm.config import load_recipe, parse_overrides
+from difflm.config import load_recipe
 from difflm.errors import ConfigError
 from difflm.paper import TABLES, TinyPreset, load_table, parse_models, plan, results_markdown, run_metrics
 
