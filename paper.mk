@@ -11,7 +11,8 @@
 #   LIMIT    the first N items of every eval set (the AR references too)
 #   JUDGE    URL of an OpenAI-compatible judge server (difflm eval alpaca --judge-base-url), an alpaca_eval
 #            annotator name, or `local` (the CPU test judge); default: GPT-4-turbo (OPENAI_API_KEY)
-#   JUDGE_MODEL  the model name at the JUDGE URL
+#   JUDGE_MODEL  the model name at the JUDGE URL (default gpt-4-turbo)
+#   JUDGE_KEY_ENV  the environment variable holding the JUDGE URL's key (default OPENAI_API_KEY; loopback: none)
 #   TINY=1   the CPU smoke run of the table (embedded models, tests/fixtures data)
 #   DRY=1    print the needs and the commands, run nothing
 #   PAPER_ARGS  more bench/paper_tables.py options (--rows ID,..., --eval-sets a,b, --out DIR)
@@ -22,12 +23,14 @@
 #   make paper-table-4 DRY=1
 #   make paper-table-3 MODEL="sft=GSAI-ML/LLaDA-8B-Base+runs/alpaca-lora/final" LIMIT=100
 #   make paper-table-1 JUDGE=http://localhost:8000/v1 JUDGE_MODEL=Qwen2.5-72B-Instruct
+#   make paper-table-3 JUDGE=https://api.example.com/v1 JUDGE_MODEL=gpt-4o JUDGE_KEY_ENV=EXAMPLE_API_KEY
 #   make paper-table-9 TINY=1 LIMIT=2 JUDGE=local
 PAPER_TABLES := 1 2 3 4 5 6 7 8 9 10
 _given = $(filter command line environment,$(origin $(1)))
 PAPER_CMD = $(PY) bench/paper_tables.py \
 	$(if $(call _given,MODEL),--model "$(MODEL)") $(if $(call _given,LIMIT),$(if $(LIMIT),--limit $(LIMIT))) \
 	$(if $(JUDGE),--judge "$(JUDGE)") $(if $(JUDGE_MODEL),--judge-model "$(JUDGE_MODEL)") \
+	$(if $(JUDGE_KEY_ENV),--judge-key-env "$(JUDGE_KEY_ENV)") \
 	$(if $(TINY),--tiny) $(if $(DRY),--dry-run) $(PAPER_ARGS)
 
 .PHONY: $(addprefix paper-table-,$(PAPER_TABLES)) paper-tables paper-smoke

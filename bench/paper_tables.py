@@ -7,14 +7,15 @@
     python bench/paper_tables.py --table 1 --tiny --limit 2 --judge local   # the CPU smoke run
 
 The table files (`recipes/paper/table-N.yaml`), the commands they become and RESULTS.md are built by
-`difflm.paper`; this script prints what a table needs (GPU, hours, judge key, models to train first), checks
-that this difflm has every feature the table's commands use, and runs the commands in-process (the same
-`difflm` CLI, without a new Python per command), skipping generations that are already complete.
+`difflm.paper`; this script prints what a table needs (GPU, hours, judge key, models to train first) and runs
+the commands in-process (the same `difflm` CLI, without a new Python per command), skipping generations that
+are already complete.
 Outputs: runs/paper/table-N/ (runs/paper-tiny/ with --tiny); references in runs/paper/references/ (shared).
 
 --judge: an http(s) URL of an OpenAI-compatible server (`difflm eval alpaca --judge-base-url`), an alpaca_eval
-annotator name, or `local` (the smoke runs' loopback judge from tests/paper_judge.py: it prefers the longer
-answer). Default: alpaca_eval's GPT-4-turbo annotator, the paper's (OPENAI_API_KEY).
+annotator name, or `local` (the smoke runs' loopback judge, tests/judge_server.py, started in a thread and
+passed as --judge-base-url: it prefers the longer answer). --judge-key-env names the URL's key variable.
+Default: alpaca_eval's GPT-4-turbo annotator, the paper's (OPENAI_API_KEY).
 """
 
 from __future__ import annotations
@@ -33,93 +34,12 @@ if str(ROOT) not in sys.path:
 from difflm.errors import ConfigError  # noqa: E402
 from difflm.paper import TABLES, Step, TinyPreset, load_table, parse_models, plan, results_markdown  # noqa: E402
 
-#: feature -> the branch that brings it (issue 17/18 work merged by the integrator); what `requirements`
-#: finds in a plan and `available_features` probes in the installed difflm
-BRANCH = {
-    "decode.total_length": "i18a",
-    "prompt format paper-cot": "i18a",
-    "eval set mt_bench": "i17",
-    "eval set wiki (the paper's 504 entities)": "i17",
-    "difflm sweep": "i18b",
-    "difflm eval alpaca --judge-base-url": "i17",
-    "difflm eval fluency --scorer": "i18b",
-    "difflm eval fluency --inlier-reference": "i18b",
-    "difflm eval report --x": "i18b",
-}
-
-
 def _cli_command():
     from typer.main import get_command
 
     from cli.main import app
 
     return get_command(app)
-
-
-def available_features() -> set[str]:
-    """The features of BRANCH that this difflm has (probed: dataclass fields, eval sets, CLI options)."""
-    from difflm.data.evalsets import EVAL_SETS
-    from difflm.data.prompts import PROMPT_FORMATS
-    from difflm.decoding.config import DecodeConfig
-
-    have = set()
-    if "total_length" in DecodeConfig.__dataclass_fields__:
-        have.add("decode.total_length")
-    if "paper-cot" in PROMPT_FORMATS:
-        have.add("prompt format paper-cot")
-    if "mt_bench" in EVAL_SETS:
-        have.add("eval set mt_bench")
-    if "wikitext" in EVAL_SETS:  # i17 renames the WikiText task and makes `wiki` the paper's set
-        have.add("eval set wiki (the paper's 504 entities)")
-    cmd = _cli_command()
-    if "sweep" in cmd.commands:
-        have.add("difflm sweep")
-    ev = cmd.commands["eval"]
-
-    def opts(sub: str) -> set[str]:
-        return {o for p in ev.commands[sub].params for o in p.opts}
-
-    if "--judge-base-url" in opts("alpaca"):
-        have.add("difflm eval alpaca --judge-base-url")
-    for o in ("--scorer", "--inlier-reference"):
-        if o in opts("fluency"):
-            have.add(f"difflm eval fluency {o}")
-    if "--x" in opts("report"):
-        have.add("difflm eval report --x")
-    return have
-
-
-def requirements(steps: list[Step]) -> set[str]:
-    """The BRANCH features the plan's commands use."""
-    from difflm.config import load_yaml
-
-    need = set()
-    for s in steps:
-        a = s.argv
-        if s.kind in ("generate", "reference", "sweep"):
-            rec = load_yaml(a[a.index("--recipe") + 1])
-            text = " ".join(a)
-            if "total_length" in (rec.get("decode") or {}) or "decode.total_length=" in text:
-                need.add("decode.total_length")
-            fmt = (rec.get("data") or {}).get("prompt_format")
-            for x in a:
-                if x.startswith("data.prompt_format="):
-                    fmt = x.split("=", 1)[1]
-            if fmt == "paper-cot":
-                need.add("prompt format paper-cot")
-            if "data.eval_set=mt_bench" in a:
-                need.add("eval set mt_bench")
-            if "data.eval_set=wiki" in a:
-                need.add("eval set wiki (the paper's 504 entities)")
-            if s.kind == "sweep":
-                need.add("difflm sweep")
-        if s.kind == "judge" and "--judge-base-url" in a:
-            need.add("difflm eval alpaca --judge-base-url")
-        if s.kind == "fluency":
-            need |= {"difflm eval fluency --scorer", "difflm eval fluency --inlier-reference"}
-        if s.kind == "report" and "--x" in a:
-            need.add("difflm eval report --x")
-    return need
 
 
 def _complete(output: str) -> bool:
@@ -162,7 +82,7 @@ def _expand(step: Step) -> list[list[str]]:
     return [step.argv[:i] + [str(f)] + step.argv[i + 1:] for f in files]
 
 
-def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
+def print_needs(table: dict, judge: str | None, tiny: bool, out=print, judge_key_env: str | None = None) -> None:
     n = table.get("needs") or {}
     out(f"== Table {table['table']}: {table['title']}  ({os.path.relpath(table['_path'])})")
     if tiny:
@@ -175,7 +95,8 @@ def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
     out(f"   hours: {n.get('hours', '-')}")
     if table["judge"] == "pairwise":
         if judge and judge.startswith(("http://", "https://")):
-            key = f"JUDGE={judge} (key: $OPENAI_API_KEY if the server wants one)"
+            env = judge_key_env or "OPENAI_API_KEY"
+            key = f"JUDGE={judge} (key: ${env} {'[set]' if os.environ.get(env) else '[not set]'}; a loopback URL needs none)"
         elif judge:
             key = f"annotator {judge} (its backend's key)"
         else:
@@ -193,7 +114,7 @@ def print_needs(table: dict, judge: str | None, tiny: bool, out=print) -> None:
 
 
 def run_table(number, *, out_dir: str, models: str | None = None, limit: int | None = None, judge: str | None = None,
-              judge_model: str | None = None, tiny: bool = False, dry_run: bool = False, rows: list[str] | None = None,
+              judge_model: str | None = None, judge_key_env: str | None = None, tiny: bool = False, dry_run: bool = False, rows: list[str] | None = None,
               eval_sets: list[str] | None = None, sweep_points: int | None = None, out=print) -> int:
     """Plan and run one table; returns an exit code (0 ok, 2 bad input or missing features, else the failing
     command's code). RESULTS.md is written at the end (also after a failure: what exists so far)."""
@@ -206,7 +127,7 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
     if eval_sets:
         table["eval_sets"] = [e for e in table["eval_sets"] if e in eval_sets]
     roles = parse_models(models, (table.get("models") or {}).keys())
-    print_needs(table, judge, tiny, out)
+    print_needs(table, judge, tiny, out, judge_key_env)
     with _judge_server(judge) as (jurl, jmodel):
         preset = None
         if tiny:  # a tiny random causal Llama stands in for every AR model (references, AR rows, the scorer)
@@ -217,18 +138,11 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
                 build_tiny_ar(ar)
             preset = TinyPreset(ar=str(ar), scorer=str(ar), sweep_points=sweep_points)
         steps = plan(table, out_dir=out_dir, root=ROOT, models=roles, limit=limit, judge=jurl,
-                     judge_model=judge_model or jmodel, tiny=preset)
-        missing = sorted(requirements(steps) - available_features())
+                     judge_model=judge_model or jmodel, judge_key_env=judge_key_env, tiny=preset)
         if dry_run:
             for s in steps:
                 out(f"   $ {s.shell()}")
-            for m in missing:
-                out(f"   missing: {m} (branch {BRANCH[m]})")
             return 0
-        if missing:
-            out(f"error: table {table['table']} needs what this difflm lacks: "
-                + "; ".join(f"{m} (branch {BRANCH[m]})" for m in missing))
-            return 2
         rc = 0
         for s in steps:
             if s.kind in ("generate", "reference") and s.output and _complete(s.output):
@@ -270,17 +184,19 @@ def run_table(number, *, out_dir: str, models: str | None = None, limit: int | N
 
 @contextlib.contextmanager
 def _judge_server(judge: str | None):
-    """`local` starts the loopback test judge (tests/paper_judge.py) for the run; yields (judge, model name)."""
+    """`local` starts the loopback test judge (tests/judge_server.py) in a thread for the run; its URL then goes
+    to `difflm eval alpaca --judge-base-url` like any judge server's (a loopback URL needs no key). Yields
+    (judge, model name)."""
     if judge != "local":
         yield judge, None
         return
     tests = ROOT / "tests"
-    if not (tests / "paper_judge.py").is_file():
-        raise ConfigError("--judge local needs tests/paper_judge.py (a source checkout)", key="judge")
-    sys.path.insert(0, str(tests))
-    from paper_judge import serve_judge
+    if not (tests / "judge_server.py").is_file():
+        raise ConfigError("--judge local needs tests/judge_server.py (a source checkout)", key="judge")
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from judge_server import serve_judge
 
-    os.environ.setdefault("OPENAI_API_KEY", "local-test-judge")  # the openai client wants some key
     with serve_judge() as url:
         yield url, "test-judge"
 
@@ -294,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="the first N items of every eval set (references too)")
     p.add_argument("--judge", help="URL of an OpenAI-compatible judge, an alpaca_eval annotator, or `local`")
     p.add_argument("--judge-model", help="model name at the --judge URL (default gpt-4-turbo)")
+    p.add_argument("--judge-key-env", help="environment variable holding the --judge URL's key (default OPENAI_API_KEY; "
+                   "a loopback URL needs none)")
     p.add_argument("--tiny", action="store_true", help="the CPU smoke run (embedded models, fixtures)")
     p.add_argument("--out", help="output root (default runs/paper, runs/paper-tiny with --tiny)")
     p.add_argument("--rows", help="only these row ids (comma-separated)")
@@ -311,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in numbers:
             rc = run_table(n, out_dir=out_dir, models=a.model, limit=a.limit, judge=a.judge, judge_model=a.judge_model,
+                           judge_key_env=a.judge_key_env,
                            tiny=a.tiny, dry_run=a.dry_run, rows=a.rows.split(",") if a.rows else None,
                            eval_sets=a.eval_sets.split(",") if a.eval_sets else None)
             if rc:

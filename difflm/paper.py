@@ -129,13 +129,15 @@ def parse_models(text: str | None, roles: Iterable[str]) -> dict[str, dict]:
     return out
 
 
-def judge_options(judge: str | None, judge_model: str | None = None) -> list[str]:
+def judge_options(judge: str | None, judge_model: str | None = None, judge_key_env: str | None = None) -> list[str]:
     """`JUDGE=` of the make targets -> `difflm eval alpaca` options: an http(s) URL is an OpenAI-compatible
-    server (``--judge-base-url``; i17's interface), anything else an alpaca_eval annotator name."""
+    server (``--judge-base-url``, ``--judge-model``, ``--judge-api-key-env``), anything else an alpaca_eval
+    annotator name."""
     if not judge:
         return []
     if re.match(r"https?://", judge):
-        return ["--judge-base-url", judge, "--judge-model", judge_model or "gpt-4-turbo"]
+        return ["--judge-base-url", judge, "--judge-model", judge_model or "gpt-4-turbo",
+                *(["--judge-api-key-env", judge_key_env] if judge_key_env else [])]
     return ["--annotator", judge]
 
 
@@ -161,7 +163,7 @@ class TinyPreset:
         "gsm8k": "tests/fixtures/gsm8k.jsonl",
         "arena_hard": "tests/fixtures/arena_hard.jsonl",
         "mt_bench": "tests/fixtures/paper/mt_bench.jsonl",
-        "wiki": None,  # the paper's 504 entities ship inside difflm (branch i17)
+        "wiki": None,  # the paper's 504 entities ship inside difflm (difflm/data/evalsets.py)
     })
     #: the gen-PPL scorer of tables 6 and 7 (an AR model; the runner passes its tiny AR)
     scorer: str = "smollm2-135m-instruct"
@@ -244,7 +246,7 @@ def _tiny_overrides(tiny: TinyPreset, flat: Mapping[str, Any], role: str, is_ar:
     """Overrides that turn one paper run into its smoke run (model, lengths, data, batch)."""
     out: dict[str, Any] = dict(tiny.model(role, is_ar))
     paper_length = flat.get("decode.total_length") or flat.get("decode.gen_length") or 1024
-    if "decode.total_length" in flat:  # the key exists only where the recipe sets it (branch i18a)
+    if "decode.total_length" in flat:  # the smoke run's window replaces the paper's total length
         out["decode.total_length"] = None
     out["decode.gen_length"] = tiny.ar_length if is_ar else tiny.length
     for key in ("decode.block_length", "decode.kernel_size", "decode.steps"):
@@ -272,6 +274,7 @@ def plan(
     limit: int | None = None,
     judge: str | None = None,
     judge_model: str | None = None,
+    judge_key_env: str | None = None,
     tiny: TinyPreset | None = None,
 ) -> list[Step]:
     """The commands that reproduce `table` (a `load_table` mapping), in order: references, rows (generate or
@@ -363,7 +366,7 @@ def plan(
                 outputs[(r["id"], es)] = [str(f)]
 
     # -- judging and scoring (sweeps: the runner expands DIR into its point files)
-    jopts = judge_options(judge, judge_model)
+    jopts = judge_options(judge, judge_model, judge_key_env)
     for (rid, es), outs in outputs.items():
         for o in outs:
             if table["judge"] == "pairwise":
@@ -458,13 +461,6 @@ def _read_json(path: str | Path) -> Any:
         return None
 
 
-def _pick(d: Mapping | None, *keys: str) -> Any:
-    for k in keys:
-        if d and d.get(k) is not None:
-            return d[k]
-    return None
-
-
 def _num(v: Any, digits: int = 2) -> str:
     if v is None:
         return "-"
@@ -502,30 +498,31 @@ def run_metrics(path: str | Path) -> dict[str, Any]:
     m: dict[str, Any] = {"manifest": man, "items": man.get("items", len(recs))}
     al = _read_json(str(p) + ".alpaca.json")
     if al:
-        m["win_rate"] = _pick(al, "win_rate")
-        m["win_rate_se"] = _pick(al, "standard_error", "win_rate_standard_error", "win_rate_stderr")
-        m["lc_win_rate"] = _pick(al, "lc_win_rate", "length_controlled_winrate")
-        m["lc_win_rate_se"] = _pick(al, "lc_standard_error", "lc_win_rate_standard_error", "lc_win_rate_stderr")
+        m["win_rate"] = al.get("win_rate")  # `difflm eval alpaca`'s summary (difflm/eval/alpaca.py)
+        m["win_rate_se"] = al.get("standard_error")
+        m["lc_win_rate"] = al.get("lc_win_rate")
+        m["lc_win_rate_se"] = al.get("lc_standard_error")
         m["lc_note"] = al.get("lc_note")
     g = _read_json(str(p) + ".gsm8k.json")
     if g:
         m["accuracy"] = 100 * g["accuracy"] if g.get("accuracy") is not None else None
         m["accuracy_se"] = 100 * g["stderr"] if g.get("stderr") is not None else None
     fl = _read_json(str(p) + ".fluency.json")
-    if fl:  # the inlier share comes from `difflm eval fluency --inlier-reference` (branch i18b)
+    if fl:
         agg = fl.get("aggregate") or {}
-        m["inlier_share"] = _pick(agg, "inlier_share") or _pick(fl, "inlier_share") or _pick(fl.get("inlier") or {}, "share")
-        m["gen_ppl_mean"] = _pick(agg, "gen_ppl_mean") or _pick(fl.get("gen_ppl") or {}, "mean")
+        m["inlier_share"] = agg.get("inlier_share")  # `difflm eval fluency --scorer --inlier-reference`
+        m["gen_ppl_mean"] = agg.get("gen_ppl_mean")
     if recs:
         ct = [r.get("content_tokens", 0) for r in recs]
         m["content_tokens_mean"] = sum(ct) / len(ct)
         m["nonempty_share"] = sum(1 for c in ct if c > 0) / len(ct)
         m["nfe_mean"] = sum(r.get("nfe", 0) for r in recs) / len(recs)
-        ev = [r["unmask_events"] for r in recs if r.get("unmask_events") is not None]  # branch i18a
+        ev = [r["unmask_events"] for r in recs if r.get("unmask_events") is not None]  # r*'s L* per item
         steps = (man.get("decode") or {}).get("steps")
         if ev and steps:
             m["rstar_recount"] = sum(ev) / len(ev) / steps
-    m["effective_sample_rate"] = man.get("effective_sample_rate")  # branch i18a (a number or {name: value})
+    m["effective_sample_rate"] = man.get("effective_sample_rate")  # r* with S = steps (difflm.generation)
+    m["effective_sample_rate_nfe"] = man.get("effective_sample_rate_nfe")  # r* with S = NFE
     return m
 
 
@@ -539,20 +536,25 @@ def _point_value(man: Mapping, key: str) -> Any:
     return cur
 
 
-def _lm_eval_accuracy(folder: Path, task: str | None = None) -> tuple[Any, Any]:
+def _lm_eval_accuracy(folder: Path, task: str | None = None) -> tuple[Any, Any, Any]:
     """The accuracy-like metric (exact_match, acc) of lm-eval's newest results_*.json under `folder`, of `task`
-    (the group when the task is one) else the first task: (%, its stderr in %)."""
+    (the group when the task is one) else the first task: (%, its stderr in %, the items evaluated)."""
     files = sorted(folder.rglob("results*.json"), key=lambda f: f.stat().st_mtime)
     if not files:
-        return None, None
-    res = (_read_json(files[-1]) or {}).get("results") or {}
-    ordered = ([res[task]] if task in res else []) + [v for k, v in res.items() if k != task]
-    for task in ordered:
-        for k, v in task.items():
+        return None, None, None
+    data = _read_json(files[-1]) or {}
+    res = data.get("results") or {}
+    ordered = ([(task, res[task])] if task in res else []) + [(k, v) for k, v in res.items() if k != task]
+    for name, metrics in ordered:
+        for k, v in metrics.items():
             if isinstance(v, (int, float)) and k.split(",")[0] in ("exact_match", "acc", "accuracy") and "stderr" not in k:
-                se = task.get(k.replace(",", "_stderr,", 1))
-                return 100 * v, (100 * se if isinstance(se, (int, float)) else None)
-    return None, None
+                se = metrics.get(k.replace(",", "_stderr,", 1))
+                ns = (data.get("n-samples") or {}).get(name) or {}
+                n = ns.get("effective") if isinstance(ns, Mapping) else None
+                if n is None and isinstance(metrics.get("sample_len"), int):
+                    n = metrics["sample_len"]
+                return 100 * v, (100 * se if isinstance(se, (int, float)) else None), n
+    return None, None, None
 
 
 def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None = None, tiny: bool = False) -> str:
@@ -578,7 +580,9 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
     def row_file(r: Mapping, es: str) -> Path:
         return tdir / f"{r['id']}-{es}{nsuf}.json"
 
-    if judge in ("pairwise", "gsm8k"):
+    plain = [r for r in rows if not r.get("sweep")]
+    swept = [r for r in rows if r.get("sweep")]
+    if judge in ("pairwise", "gsm8k") and plain:
         for es in table["eval_sets"]:
             paper_cols = sorted({k for r in rows for k in ((r.get("paper") or {}).get(es) or {})},
                                 key=["lc_win_rate", "win_rate", "accuracy", "avg_length", "nonempty_share",
@@ -611,7 +615,7 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                         notes.add(m["lc_note"])
                 lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
             lines += [""] + [f"- LC note: {n}" for n in sorted(notes)] + ([""] if notes else [])
-    elif judge == "speed":
+    if judge == "speed":
         es = table["eval_sets"][0]
         metrics: dict[str, dict] = {}
         for r in rows:
@@ -649,11 +653,12 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                                                      "tokens_per_step"))]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
-    else:  # sweeps: gsm8k (table 9), lm_eval (8), rstar (10)
-        metric = {"lm_eval": "accuracy", "rstar": "effective_sample_rate", "gsm8k": "accuracy"}[judge]
+    if swept:  # sweeps: gsm8k (table 9), lm_eval (8), rstar (10)
+        metric = {"lm_eval": "accuracy", "rstar": "effective_sample_rate", "gsm8k": "accuracy",
+                  "pairwise": "lc_win_rate"}[judge]
         for es in table["eval_sets"]:
             lines += [f"## {es}", ""]
-            for r in rows:
+            for r in swept:
                 key = next(iter(r["sweep"]))
                 paper = ((r.get("paper") or {}).get(es) or {}).get(metric) or {}
                 lines += [f"### {r['label']} (swept: `{key}`)", ""]
@@ -666,14 +671,16 @@ def results_markdown(table: Mapping, out_dir: str | Path, *, limit: int | None =
                 if judge == "lm_eval":
                     base = tdir / r["id"]
                     for d in sorted(base.glob("*")) if base.is_dir() else []:
-                        acc, se = _lm_eval_accuracy(d, (table.get("lm_eval") or {}).get("tasks"))
-                        got[d.name.split("-", 1)[-1]] = ["-", _pm(acc, se)]
+                        acc, se, n = _lm_eval_accuracy(d, (table.get("lm_eval") or {}).get("tasks"))
+                        got[d.name.split("-", 1)[-1]] = [_num(n, 0), _pm(acc, se)]
                 else:
                     for f in _output_files(tdir / f"{r['id']}-{es}{nsuf}"):
                         m = run_metrics(f)
                         v = _point_value(m["manifest"], key)
                         if judge == "gsm8k":
                             cell = [_pm(m.get("accuracy"), m.get("accuracy_se"))]
+                        elif judge == "pairwise":
+                            cell = [_pm(m.get("lc_win_rate"), m.get("lc_win_rate_se"))]
                         else:
                             esr = m.get("effective_sample_rate")
                             cell = [", ".join(f"{k} {_num(x)}" for k, x in esr.items()) if isinstance(esr, Mapping)

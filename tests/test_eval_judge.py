@@ -263,3 +263,17 @@ def test_derived_annotator_keeps_the_prompt_and_parser(tmp_path):
     assert n["completions_kwargs"] == dict(o["completions_kwargs"], model_name="qwen")  # logprobs etc. kept
     assert {k: v for k, v in n.items() if k not in ("prompt_template", "completions_kwargs")} == {
         k: v for k, v in o.items() if k not in ("prompt_template", "completions_kwargs")}
+
+
+def test_judge_files_are_absolute_for_a_relative_output_folder(tmp_path, monkeypatch):
+    """alpaca_eval reads a relative annotator config inside its own evaluators_configs/ folder: the derived
+    config (and the client config) must be absolute when the outputs are given relative to the working folder."""
+    from difflm.eval.alpaca import annotator_config_path
+    from difflm.eval.judge import JudgeEndpoint
+
+    monkeypatch.chdir(tmp_path)
+    ep = JudgeEndpoint(base_url="http://127.0.0.1:9/v1", model="qwen")
+    path, _ = ep.annotator_config(annotator_config_path("weighted_alpaca_eval_gpt4_turbo"), Path("runs/x.json.alpaca_eval"))
+    client = ep.write_client_config(Path("runs/x.json.alpaca_eval/judge_client.yaml"))
+    assert path.is_absolute() and path.is_file() and path.is_relative_to(tmp_path)
+    assert client.is_absolute() and client.is_file()

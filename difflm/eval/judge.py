@@ -128,7 +128,7 @@ class JudgeEndpoint:
             entry["base_url"] = self.base_url
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump({"default": [entry]}, sort_keys=False), encoding="utf-8")
-        return path
+        return path.resolve()
 
     def annotator_config(self, config_path: Path, out_dir: Path) -> tuple[Path, str | None]:
         """(the annotator config to use, its annotator name or None when unchanged). With a judge model, a copy
@@ -149,7 +149,8 @@ class JudgeEndpoint:
             # alpaca_eval reads it relative to the config folder's parent: keep pointing at the original
             sub["prompt_template"] = str((config_path.parent.parent / template).resolve())
         new_name = f"{name}@{self.model}"
-        folder = out_dir / "annotator" / re.sub(r"[^A-Za-z0-9._-]+", "_", new_name)
+        # absolute: alpaca_eval reads a relative annotator path inside its own evaluators_configs/ folder
+        folder = (out_dir / "annotator" / re.sub(r"[^A-Za-z0-9._-]+", "_", new_name)).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "configs.yaml"
         path.write_text(yaml.safe_dump({new_name: sub}, sort_keys=False), encoding="utf-8")
