@@ -497,28 +497,13 @@ _LLADA_CONFIG_TEMPLATE = r"""
 
 @contextlib.contextmanager
 def app_in_thread(app, host: str = "127.0.0.1"):
-    """Serve an ASGI app with uvicorn in a background thread on a free port; yields its base URL
-    ("http://127.0.0.1:PORT") once it accepts connections, and shuts it down (lifespan included) on exit."""
-    import threading
-    import time
-
+    """Serve an ASGI app with uvicorn in a background thread on a free port (port 0: the OS picks it); yields its
+    base URL ("http://127.0.0.1:PORT") once it accepts connections, and shuts it down (lifespan included) on exit."""
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    server.install_signal_handlers = lambda: None  # not the main thread
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on"))
+    with server_in_thread(server, host) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -104,7 +104,7 @@ def load_dream_module(path: str, config: dict[str, Any], **kwargs) -> nn.Module:
     qwen2 = qwen2_config_from_dream(config) if str(config.get("model_type", "")).lower() != "qwen2" else None
     extra = {"config": qwen2} if qwen2 is not None else {}
     module, info = Qwen2ForCausalLM.from_pretrained(path, output_loading_info=True, **extra, **kwargs)
-    check_loading_info(info, path)
+    check_loading_info(info, path, "a bidirectional Qwen2 (Dream)")
     setattr(module.config, *NATIVE_MARKER)  # save_pretrained writes the marker: it reloads as "dream"
     module.config.is_causal = False
     return module

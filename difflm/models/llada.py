@@ -130,8 +130,9 @@ def llama_config_from_llada(config: dict[str, Any]):
     )
 
 
-def check_loading_info(info: dict[str, Any], name: str) -> None:
-    """Fail when the checkpoint's names did not all land on the model (key_mapping incomplete)."""
+def check_loading_info(info: dict[str, Any], name: str, what: str = "a bidirectional Llama") -> None:
+    """Fail when the checkpoint's names did not all land on the model (`what`: the native class it was loaded as;
+    for LLaDA, a key_mapping that is incomplete)."""
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in (info.get(kind) or ()))
@@ -141,7 +142,7 @@ def check_loading_info(info: dict[str, Any], name: str) -> None:
     if info.get("error_msgs"):
         problems.append(f"errors: {info['error_msgs'][0]}")
     if problems:
-        raise ConfigError(f"{name} does not load as a bidirectional Llama; " + "; ".join(problems), key="model")
+        raise ConfigError(f"{name} does not load as {what}; " + "; ".join(problems), key="model")
 
 
 def load_llama_module(path: str, config=None, key_mapping: dict | None = None, **kwargs) -> nn.Module:

@@ -378,24 +378,13 @@ class MDLMForMaskedLM(PreTrainedModel):
         )
 
 
-def _check_loading_info(info: dict[str, Any], name: str) -> None:
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in (info.get(kind) or ()))
-        if keys:
-            shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-            problems.append(f"{kind.replace('_', ' ')}: {shown}")
-    if info.get("error_msgs"):
-        problems.append(f"errors: {info['error_msgs'][0]}")
-    if problems:
-        raise ConfigError(f"{name} does not load as MDLM's DiT; " + "; ".join(problems), key="model")
-
-
 def load_mdlm_module(path: str, **kwargs: Any) -> MDLMForMaskedLM:
     """`MDLMForMaskedLM.from_pretrained(path)` (no remote code), failing when a name does not land on the model.
     `kwargs` go to from_pretrained (dtype, device_map, ...)."""
     module, info = MDLMForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
-    _check_loading_info(info, path)
+    from .llada import check_loading_info
+
+    check_loading_info(info, path, "MDLM's DiT")
     if module.config.time_conditioning:
         log.warning(
             "%s is time-conditioned, but difflm's decoders pass no noise level: it runs at sigma = 0", path
