@@ -141,6 +141,7 @@ def run_dream(d) -> None:
     ts = dream_timesteps(cfg.steps, cfg.eps)
     top_p, top_k = cfg.effective_top_p(), cfg.top_k
     suppress = list(cfg.suppress_tokens or ())
+    suppressed = None  #: the ids as a tensor on the logits' device, checked against the vocabulary once
     window = d.whole()
     d.keep_mask_logit = cfg.mask_in_softmax  # Dream's own softmax (MASK may then be proposed: it stays masked)
     for i in range(cfg.steps):
@@ -148,8 +149,9 @@ def run_dream(d) -> None:
         if not d.select_rows(region):
             break
         logits = d.forward()  # [B, L, V] float32, MASK at -inf (SUBS), penalties applied
-        if suppress:
+        if suppress and suppressed is None:
             check_token_ids(suppress, logits.shape[-1])
+            suppressed = torch.tensor(suppress, device=logits.device)
         t, s = ts[i], ts[i + 1]
         last = i == cfg.steps - 1
         new = d.gen.clone()
@@ -169,9 +171,8 @@ def run_dream(d) -> None:
                     new[r, pos], _ = propose(logits[r, pos], cfg.alg, d.temperature, top_p, top_k, gen)
                 continue
             x0, conf = propose(logits[r, pos], cfg.alg, d.temperature, top_p, top_k, gen)
-            if suppress:  # proposals of a suppressed id go after every other one (LLaDA-1.5's EOS/EoT rule)
-                conf = torch.where(torch.isin(x0, torch.tensor(suppress, device=x0.device)),
-                                   conf.new_tensor(-1e300), conf)
+            if suppressed is not None:  # proposals of a suppressed id go after every other one (LLaDA-1.5's rule)
+                conf = torch.where(torch.isin(x0, suppressed), conf.new_tensor(-1e300), conf)
             k = min(transfer_count(pos.numel(), t, s, last), pos.numel())
             pick = select(conf, k, cfg.alg_temp, gen)
             new[r, pos[pick]] = x0[pick]
